@@ -83,6 +83,8 @@ class Args:
     """lambda of the truncated TD(lambda) mix of the 1..T-step targets (Eq. 13)"""
     gamma: float = 0.99
     """discount factor"""
+    critic_head: Literal["mlp", "linear"] = "mlp"
+    """value head after the action gate: LayerNorm + 256 ReLU + linear (authors' code), or linear"""
     scale_value_targets: bool = True
     """critic outputs Q * (1 - gamma) (per-step units), as the authors' code does"""
 
@@ -361,13 +363,21 @@ def mlp(in_dim: int, hidden: int = 256) -> nn.Sequential:
 class QNetwork(nn.Module):
     """Q(s, a) with the paper's action embedding (Section 4, Neural architectures):
     the processed observation o is gated by one linear embedding of the action,
-    o * tanh(W a + b), then a linear head. The observation is processed once
-    and gated by each of the k sampled actions.
+    o * tanh(W a + b), then the value head. The observation is processed once
+    and gated by each of the k sampled actions. head="linear" is the paper's
+    text; head="mlp" is the authors' Trax Value model with multiplicative
+    action injection: o is projected by a linear layer before the gate, and
+    the head is LayerNorm, one layer of 256 ReLU units, then linear.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, out_scale: float):
+    def __init__(self, obs_dim: int, act_dim: int, out_scale: float, head: str = "mlp"):
         super().__init__()
-        self.torso, self.embed, self.head = mlp(obs_dim), nn.Linear(act_dim, 256), nn.Linear(256, 1)
+        self.torso, self.embed = mlp(obs_dim), nn.Linear(act_dim, 256)
+        if head == "mlp":
+            self.torso.append(nn.Linear(256, 256))
+            self.head = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+        else:
+            self.head = nn.Linear(256, 1)
         self.out_scale = out_scale
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -515,7 +525,8 @@ def train(args: Args) -> dict:
                    for b in (envs.single_action_space.low, envs.single_action_space.high))
     obs_norm = ObsNormalizer(obs_dim, args.obs_norm_sample_limit).to(device)
     actor = Actor(obs_dim, act_dim).to(device)
-    critic = QNetwork(obs_dim, act_dim, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0).to(device)
+    critic = QNetwork(obs_dim, act_dim, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
+                      args.critic_head).to(device)
     target = copy.deepcopy(critic).requires_grad_(False)
     # eps=1e-5 is the default of the authors' (Trax) Adam.
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
