@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -223,7 +223,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class EpisodeBuffer:
-    """Whole games, [episode, step]: every game is 5 steps, all kept (10K steps < 50K)."""
+    """Whole games, [game, step] (every game is 5 steps); it keeps all the run collects."""
 
     def __init__(self, capacity: int, n_bits: int, device):
         self.device = device
