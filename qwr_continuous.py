@@ -96,7 +96,7 @@ class Args:
     action_std: float = 0.4
     """fixed standard deviation of the Gaussian policy"""
     obs_norm_sample_limit: int = 300_000
-    """observations after which the running normaliser freezes (authors' code)"""
+    """observations after which the running mean/std normaliser freezes (authors' code); 0 turns it off"""
 
     # Evaluation, logging, checkpoints
     eval_every: int = 10
