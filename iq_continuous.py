@@ -1,0 +1,420 @@
+"""Implicit Q-values (IQ) and Munchausen-IQ (M-IQ) for continuous control.
+
+IQ (Vieillard et al., ../shared/papers/iq.md) never learns a Q-network. It
+learns a policy pi and a value V and defines Q implicitly (Eq. 1):
+    Q(s, a) = tau ln pi(a|s) + V(s),
+so pi = softmax(Q / tau) holds exactly by construction. Both networks are
+trained by ONE loss (Eq. 2), with target networks (pi_bar, V_bar):
+    ( r + alpha tau ln pi_bar(a|s) + gamma V_bar(s') - tau ln pi(a|s) - V(s) )^2.
+alpha = 0 is IQ; alpha > 0 (0.9, the paper's best) is M-IQ, whose extra
+term adds KL regularisation the way Munchausen RL does (Section 3: IQ-DP is
+Mirror-Descent VI with KL weight alpha tau and entropy weight (1-alpha) tau).
+The policy is multicategorical (Section 4): each action dimension split into
+n = 11 bins, dimensions independent given the state. The schedule is SAC's
+(Section 6): one Adam step per environment step, Polyak-averaged targets.
+
+    python iq_continuous.py --env-id HalfCheetah-v4
+"""
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """make torch's algorithms deterministic (same seed, same numbers)"""
+    cuda: bool = True
+    """use CUDA when it is available (the replay buffer and all updates live there)"""
+    env_id: str = "HalfCheetah-v4"
+    """gymnasium id of an environment with a continuous (Box) action space"""
+    total_timesteps: int = 1_000_000
+    """environment steps in total (the paper trains for 20M)"""
+
+    # IQ (Eq. 2, Section 6)
+    alpha: float = 0.9
+    """weight of the Munchausen term alpha tau ln pi_bar: 0 is IQ, 0.9 is M-IQ (the paper's best)"""
+    tau: float = 0.01
+    """temperature tau of Q = tau ln pi + V (the paper's value on MuJoCo)"""
+    munchausen_clip: float = -1.0
+    """lower clip of tau ln pi_bar(a|s) in the target, as Munchausen-DQN does (l0 = -1)"""
+    policy: Literal["multicategorical", "gaussian"] = "multicategorical"
+    """policy class: n bins per action dimension (the paper), or the Gaussian of the ablation (Fig. 2)"""
+    n_bins: int = 11
+    """bins per action dimension, actions at the bin centres (the paper's n = 11)"""
+    residual: bool = False
+    """use the online V(s') in the target, gradients through it: Trust-PCL (PCL with --alpha 0), the ablation"""
+
+    # SAC's schedule and hyper-parameters (Haarnoja et al. 2018b, as the paper keeps them)
+    gamma: float = 0.99
+    """discount factor"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of both networks (the paper lowers it for Walker and Humanoid, without the value)"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity in transitions"""
+    polyak: float = 0.005
+    """target networks move this fraction towards the online ones after each step (lambda in Section 6)"""
+    learning_starts: int = 5_000
+    """uniformly random actions for this many steps before learning (the paper does not say how many)"""
+
+    # Evaluation, logging, checkpoints
+    eval_every: int = 10_000
+    """evaluate the deterministic policy (the most likely bin of each dimension) every this many steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    capture_video: bool = False
+    """record the first episode of each evaluation to videos/"""
+    save_model: bool = False
+    """write a checkpoint (networks, optimiser, replay buffer) at each evaluation"""
+    checkpoint_path: Optional[str] = None
+    """checkpoint to load: training resumes from it, or see --eval-only"""
+    eval_only: bool = False
+    """only evaluate the policy of --checkpoint-path, then exit"""
+
+
+class UsageError(ValueError):
+    """A mistake in the command line, reported as one line before training."""
+
+
+# ----------------------------------------------------------------------------
+# Policies: tau ln pi(a|s) is half of the implicit Q-value
+# ----------------------------------------------------------------------------
+
+
+def mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """SAC's networks: two layers of 256 ReLU units."""
+    return nn.Sequential(nn.Linear(in_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, out_dim))
+
+
+class MultiCategoricalPolicy(nn.Module):
+    """pi(a|s) = prod_j softmax(F_j(s))(a_j) (Section 4): one shared torso,
+    d x n logits. Actions are bin indices [..., d]; bin i of dimension j is
+    executed as the bin centre low_j + i (high_j - low_j) / (n - 1)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n_bins: int):
+        super().__init__()
+        self.act_dim, self.n_bins = act_dim, n_bins
+        self.net = mlp(obs_dim, act_dim * n_bins)
+
+    def log_probs(self, obs: torch.Tensor) -> torch.Tensor:
+        """ln pi_j(.|s) of every bin: [..., d, n]."""
+        logits = self.net(obs).unflatten(-1, (self.act_dim, self.n_bins))
+        return torch.log_softmax(logits, -1)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """ln pi(a|s), the sum over dimensions of the chosen bins' log-probabilities."""
+        return self.log_probs(obs).gather(-1, action.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    def sample(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        logp = self.log_probs(obs)
+        if deterministic:
+            return logp.argmax(-1)
+        return torch.distributions.Categorical(logits=logp).sample()
+
+
+class GaussianPolicy(nn.Module):
+    """The ablation: a diagonal Gaussian with state-dependent mean and std
+    (SAC's parametrisation without the tanh squashing), acting on the raw
+    action; the environment gets it clipped to its bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim)
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return torch.distributions.Normal(mean, log_std.clamp(-5.0, 2.0).exp())  # SAC's log-std range
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def sample(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        d = self.dist(obs)
+        return d.mean if deterministic else d.sample()
+
+
+# ----------------------------------------------------------------------------
+# The IQ loss, Eq. (2)
+# ----------------------------------------------------------------------------
+
+
+def iq_loss(
+    policy, value, target_policy, target_value, batch: dict,
+    tau: float, alpha: float, gamma: float, clip: float, residual: bool = False,
+) -> torch.Tensor:
+    """Mean over the batch of Eq. (2):
+        ( r + alpha clip(tau ln pi_bar(a|s)) + gamma (1 - terminated) V_bar(s')
+          - tau ln pi(a|s) - V(s) )^2.
+    The Munchausen term tau ln pi_bar is clipped to [clip, 0] as Munchausen-DQN
+    does: ln pi_bar -> -inf for an action the target policy deems impossible
+    would otherwise swamp the reward. A truncated episode bootstraps from the
+    final observation (terminated is False there). With residual=True the
+    online V(s') replaces V_bar(s') and gradients flow through it (Trust-PCL).
+    """
+    obs, next_obs = batch["obs"], batch["next_obs"]
+    with torch.no_grad():
+        munchausen = (tau * target_policy.log_prob(obs, batch["action"])).clamp(clip, 0.0)
+        next_v = None if residual else target_value(next_obs).squeeze(-1)
+    if residual:
+        next_v = value(next_obs).squeeze(-1)
+    target = batch["reward"] + alpha * munchausen + gamma * (~batch["terminated"]) * next_v
+    implicit_q = tau * policy.log_prob(obs, batch["action"]) + value(obs).squeeze(-1)
+    return (target - implicit_q).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------
+# Environment, replay buffer
+# ----------------------------------------------------------------------------
+
+
+def make_env(env_id: str, video_folder: Optional[str] = None) -> gym.Env:
+    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+    if video_folder:
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
+    return gym.wrappers.RecordEpisodeStatistics(env)
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError for a bad command line, before anything is built."""
+    try:
+        env = gym.make(args.env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"cannot make env {args.env_id!r}: {e}") from None
+    act, obs = env.action_space, env.observation_space
+    env.close()
+    if not isinstance(act, gym.spaces.Box):
+        raise UsageError(f"iq_continuous.py needs a continuous (Box) action space, but {args.env_id} has {act}")
+    if not np.all(np.isfinite(act.low)) or not np.all(np.isfinite(act.high)):
+        raise UsageError(f"{args.env_id}'s action space has infinite bounds: {act}")
+    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+        raise UsageError(f"iq_continuous.py needs flat vector observations, {args.env_id} has {obs}")
+    problems = [
+        (not 0 <= args.alpha <= 1, "--alpha must be in [0, 1]"),
+        (args.tau <= 0, "--tau must be > 0"),
+        (args.munchausen_clip > 0, "--munchausen-clip must be <= 0"),
+        (args.n_bins < 2, "--n-bins must be >= 2"),
+        (not 0 < args.gamma < 1, "--gamma must be in (0, 1)"),
+        (not 0 < args.polyak <= 1, "--polyak must be in (0, 1]"),
+        (min(args.batch_size, args.buffer_size, args.total_timesteps, args.eval_every) < 1,
+         "--batch-size, --buffer-size, --total-timesteps and --eval-every must be >= 1"),
+        (args.learning_rate <= 0, "--learning-rate must be > 0"),
+        (args.learning_starts < args.batch_size, "--learning-starts must be >= --batch-size"),
+        (args.eval_episodes < 0, "--eval-episodes cannot be negative"),
+        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
+        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
+         f"checkpoint not found: {args.checkpoint_path}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+
+
+class ReplayBuffer:
+    """A FIFO of transitions (s, a, r, s', terminated) on the device. s' is the
+    true next observation, the final one when a time limit ended the episode;
+    the reset observation never enters as a next state."""
+
+    def __init__(self, capacity: int, obs_dim: int, action_shape: tuple, action_dtype, device):
+        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.data = dict(
+            obs=torch.zeros((capacity, obs_dim), device=device),
+            action=torch.zeros((capacity,) + action_shape, dtype=action_dtype, device=device),
+            reward=torch.zeros(capacity, device=device),
+            next_obs=torch.zeros((capacity, obs_dim), device=device),
+            terminated=torch.zeros(capacity, dtype=torch.bool, device=device),
+        )
+
+    def add(self, **step) -> None:
+        for k, v in step.items():
+            self.data[k][self.ptr] = torch.as_tensor(v, device=self.device)
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int) -> dict:
+        i = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return {k: v[i] for k, v in self.data.items()}
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+def to_env_action(action: torch.Tensor, policy: str, low: np.ndarray, high: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin indices -> bin centres, or a Gaussian sample clipped to the bounds."""
+    a = action.cpu().numpy()
+    if policy == "multicategorical":
+        return low + a * (high - low) / (n_bins - 1)
+    return np.clip(a, low, high)
+
+
+@torch.no_grad()
+def evaluate(args: Args, policy, device, video_folder: Optional[str] = None) -> np.ndarray:
+    """Returns of eval_episodes episodes of the deterministic policy."""
+    env = make_env(args.env_id, video_folder)
+    low, high = env.action_space.low, env.action_space.high
+    returns = []
+    for episode in range(args.eval_episodes):
+        obs, _ = env.reset(seed=args.seed + 10_000 + episode)
+        done = False
+        while not done:
+            a = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic=True)
+            obs, _, terminated, truncated, info = env.step(to_env_action(a, args.policy, low, high, args.n_bins))
+            done = terminated or truncated
+        returns.append(float(info["episode"]["r"]))
+    env.close()
+    return np.array(returns)
+
+
+def train(args: Args) -> dict:
+    """Runs IQ / M-IQ and returns the final metrics."""
+    check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.capture_video and sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # render without a screen
+    name = {0.0: "IQ"}.get(args.alpha, "M-IQ") + ("-gaussian" if args.policy == "gaussian" else "")
+    name = ("Trust-PCL" if args.alpha > 0 else "PCL") if args.residual else name
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    env = make_env(args.env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    if args.policy == "multicategorical":
+        policy = MultiCategoricalPolicy(obs_dim, act_dim, args.n_bins).to(device)
+        action_shape, action_dtype = (act_dim,), torch.long
+    else:
+        policy = GaussianPolicy(obs_dim, act_dim).to(device)
+        action_shape, action_dtype = (act_dim,), torch.float32
+    value = mlp(obs_dim, 1).to(device)
+    target_policy = copy.deepcopy(policy).requires_grad_(False)
+    target_value = copy.deepcopy(value).requires_grad_(False)
+    # One loss, one optimiser over both networks.
+    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate)
+    buffer = ReplayBuffer(args.buffer_size, obs_dim, action_shape, action_dtype, device)
+    state = dict(policy=policy, value=value, target_policy=target_policy, target_value=target_value,
+                 optimizer=optimizer)
+
+    global_step = 0
+    if args.checkpoint_path:
+        ckpt = torch.load(args.checkpoint_path, map_location=device)
+        if ckpt["args"]["env_id"] != args.env_id or ckpt["args"]["policy"] != args.policy:
+            raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']} with a "
+                             f"{ckpt['args']['policy']} policy")
+        for k in ("policy",) if args.eval_only else state:
+            state[k].load_state_dict(ckpt[k])
+        if not args.eval_only:
+            if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
+                raise UsageError("resume with the checkpoint's --buffer-size")
+            buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
+            global_step = ckpt["global_step"]
+    if args.eval_only:
+        returns = evaluate(args, policy, device, f"videos/{run_name}" if args.capture_video else None)
+        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
+        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    print(f"{name} on {args.env_id} ({device}), {args.total_timesteps} steps, logs in runs/{run_name}")
+    obs, _ = env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    start_time, start_step, window_start = time.time(), global_step, time.time()
+    metrics: dict = {"eval_return": float("nan"), "loss": float("nan")}
+    losses = []
+    while global_step < args.total_timesteps:
+        if global_step < args.learning_starts:
+            # Uniform random actions: random bins, or uniform over the bounds.
+            if args.policy == "multicategorical":
+                action = torch.randint(0, args.n_bins, (act_dim,))
+            else:
+                action = torch.as_tensor(env.action_space.sample())
+        else:
+            with torch.no_grad():
+                action = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        next_obs, reward, terminated, truncated, info = env.step(
+            to_env_action(action, args.policy, low, high, args.n_bins))
+        # next_obs is the true last observation when the episode ends (no autoreset here).
+        buffer.add(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated)
+        obs = next_obs
+        global_step += 1
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+            metrics["episodic_return"] = float(info["episode"]["r"])
+            obs, _ = env.reset()
+
+        if global_step >= args.learning_starts:
+            loss = iq_loss(policy, value, target_policy, target_value, buffer.sample(args.batch_size),
+                           args.tau, args.alpha, args.gamma, args.munchausen_clip, args.residual)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for net, target in ((policy, target_policy), (value, target_value)):
+                    for p, tp in zip(net.parameters(), target.parameters()):
+                        tp.lerp_(p, args.polyak)
+            losses.append(loss.detach())
+
+        if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
+            if losses:
+                metrics["loss"] = torch.stack(losses).mean().item()
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"non-finite IQ loss at step {global_step}")
+                writer.add_scalar("losses/iq_loss", metrics["loss"], global_step)
+                losses = []
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            metrics.update(global_step=global_step, sps=sps)
+            line = f"step {global_step}/{args.total_timesteps}"
+            if "episodic_return" in metrics:
+                line += f" | train return {metrics['episodic_return']:.1f}"
+            if args.eval_episodes > 0:
+                video = f"videos/{run_name}/step{global_step}" if args.capture_video else None
+                metrics["eval_return"] = float(evaluate(args, policy, device, video).mean())
+                writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
+                line += f" | eval return {metrics['eval_return']:.1f}"
+            if args.save_model:
+                path = f"runs/{run_name}/{args.exp_name}.pt"
+                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
+                    args=asdict(args), global_step=global_step, buffer=buffer.data,
+                    buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
+                metrics["checkpoint"] = path
+            print(f"{line} | loss {metrics['loss']:.4f} | {sps} SPS "
+                  f"({(time.time() - window_start) / 60:.1f} min since the last line)", flush=True)
+            window_start = time.time()
+
+    env.close()
+    writer.close()
+    print(f"done: eval return {metrics['eval_return']:.1f} at step {global_step}, "
+          f"{(time.time() - start_time) / 60:.1f} min")
+    return metrics | {"run_name": run_name}
+
+
+if __name__ == "__main__":
+    try:
+        train(tyro.cli(Args))
+    except UsageError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,217 @@
+"""IQ / M-IQ: Theorem 1 of iq.md (IQ-DP is MD-VI) and its corollaries, exactly
+on small random MDPs; the implicit Q-value of the multicategorical policy; the
+loss of Eq. (2) on a hand-made batch; smoke runs and errors of iq_continuous.py."""
+
+import copy
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import iq_continuous as iq
+from tests.tabular import optimal_q, random_mdp, random_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+GAMMA = 0.9
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(-1, keepdims=True))).squeeze(-1)
+
+
+def iq_dp_step(P, R, pi, V, alpha, tau):
+    """One IQ-DP(alpha, tau) iteration, Eq. (3): the (pi', V') with
+    tau ln pi' + V' = r + alpha tau ln pi + gamma P V and sum_a pi' = 1."""
+    munchausen = alpha * tau * np.log(pi) if alpha else 0.0  # (0 * ln 0 would be NaN)
+    B = R + munchausen + GAMMA * P @ V
+    V_new = tau * logsumexp(B / tau)  # the only V' that makes pi' sum to 1
+    return np.exp((B - V_new[:, None]) / tau), V_new
+
+
+def md_vi_objective(pi, q, pi_old, alpha, tau):
+    """<pi, q> + (1 - alpha) tau H(pi) - alpha tau KL(pi || pi_old), per state."""
+    entropy = -(pi * np.log(pi)).sum(-1)
+    kl = (pi * (np.log(pi) - np.log(pi_old))).sum(-1)
+    return (pi * q).sum(-1) + (1 - alpha) * tau * entropy - alpha * tau * kl
+
+
+def md_vi_step(P, R, pi, V, alpha, tau):
+    """One step of value-based MD-VI(alpha tau, (1 - alpha) tau), Theorem 1:
+    the regularised greedy policy, pi' proportional to pi^alpha exp(q / tau),
+    and V' its regularised value."""
+    q = R + GAMMA * P @ V
+    logits = alpha * np.log(pi) + q / tau
+    pi_new = np.exp(logits - logsumexp(logits)[:, None])
+    return pi_new, md_vi_objective(pi_new, q, pi, alpha, tau)
+
+
+@pytest.mark.parametrize("alpha, tau", [(0.0, 0.5), (0.9, 0.2), (0.5, 1.0), (0.99, 0.3), (1.0, 0.5)])
+def test_theorem_1_iq_dp_and_md_vi_give_the_same_policies_and_values(alpha, tau):
+    P, R = random_mdp(5, 3, seed=1)
+    pi_iq = pi_md = random_policy(5, 3, seed=2)
+    V_iq = V_md = np.random.default_rng(3).normal(size=5)
+    for _ in range(40):  # (longer, and the KL-heavy cases drive probabilities below 1e-300)
+        pi_iq, V_iq = iq_dp_step(P, R, pi_iq, V_iq, alpha, tau)
+        pi_md, V_md = md_vi_step(P, R, pi_md, V_md, alpha, tau)
+        np.testing.assert_allclose(pi_iq, pi_md, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(V_iq, V_md, rtol=0, atol=1e-8)
+
+
+def test_md_vi_greedy_step_is_the_argmax_of_its_regularised_objective():
+    P, R = random_mdp(4, 3, seed=4)
+    pi_old, V = random_policy(4, 3, seed=5), np.random.default_rng(6).normal(size=4)
+    alpha, tau = 0.7, 0.4
+    pi_new, _ = md_vi_step(P, R, pi_old, V, alpha, tau)
+    q = R + GAMMA * P @ V
+    best = md_vi_objective(pi_new, q, pi_old, alpha, tau)
+    rng = np.random.default_rng(7)
+    for _ in range(200):  # no other policy on the simplex does better, state by state
+        other = rng.dirichlet(np.ones(3), size=4)
+        assert np.all(md_vi_objective(other, q, pi_old, alpha, tau) <= best + 1e-12)
+
+
+def test_alpha_0_and_small_tau_recover_value_iteration():
+    P, R = random_mdp(6, 4, seed=8)
+    q_star = optimal_q(P, R, GAMMA)
+    tau = 1e-6
+    pi, V = random_policy(6, 4, seed=9), np.zeros(6)
+    for _ in range(400):
+        pi, V = iq_dp_step(P, R, pi, V, 0.0, tau)
+    # Soft VI at temperature tau is within tau ln|A| / (1 - gamma) of V*.
+    assert np.abs(V - q_star.max(-1)).max() <= tau * math.log(4) / (1 - GAMMA) + 1e-9
+    assert np.array_equal(pi.argmax(-1), q_star.argmax(-1)) and pi.max(-1).min() > 0.999
+
+
+@pytest.mark.parametrize("alpha, tau", [(0.0, 0.5), (0.5, 1.0), (0.9, 0.3)])
+def test_md_vi_converges_to_the_optimal_policy_of_the_entropy_regularised_mdp(alpha, tau):
+    P, R = random_mdp(5, 3, seed=10)
+    t = (1 - alpha) * tau  # the entropy temperature that remains
+    V_soft = np.zeros(5)
+    for _ in range(2000):  # soft value iteration, V = t ln sum_a exp(q / t)
+        V_soft = t * logsumexp((R + GAMMA * P @ V_soft) / t)
+    q_soft = R + GAMMA * P @ V_soft
+    pi_soft = np.exp((q_soft - V_soft[:, None]) / t)
+    pi, V = random_policy(5, 3, seed=11), np.zeros(5)
+    for _ in range(3000):
+        pi, V = md_vi_step(P, R, pi, V, alpha, tau)
+    np.testing.assert_allclose(pi, pi_soft, atol=1e-8)
+    np.testing.assert_allclose(V, V_soft, atol=1e-8)
+
+
+def test_implicit_q_of_the_multicategorical_policy_is_its_softmax_generator():
+    torch.manual_seed(0)
+    tau, n, d = 0.3, 3, 2
+    policy = iq.MultiCategoricalPolicy(obs_dim=4, act_dim=d, n_bins=n).double()
+    obs, v = torch.randn(4, dtype=torch.float64), 1.7
+    joint = torch.cartesian_prod(torch.arange(n), torch.arange(n))  # all 9 joint actions
+    q = tau * policy.log_prob(obs.expand(len(joint), 4), joint) + v  # Eq. (1)
+    pi = policy.log_probs(obs).exp()
+    # pi(a|s) = softmax(Q(s, .) / tau) over the joint actions, and V = tau logsumexp(Q / tau) ...
+    assert torch.allclose(torch.softmax(q / tau, 0), pi[0][joint[:, 0]] * pi[1][joint[:, 1]])
+    assert torch.logsumexp(q / tau, 0).item() * tau == pytest.approx(v)
+    # ... and per dimension: the marginals of softmax(Q / tau) are each dimension's softmax.
+    marginal0 = torch.softmax(q / tau, 0).reshape(n, n).sum(1)
+    assert torch.allclose(marginal0, pi[0])
+
+
+def constant_policy(logits) -> iq.MultiCategoricalPolicy:
+    """A one-dimensional policy whose logits ignore the state."""
+    policy = iq.MultiCategoricalPolicy(obs_dim=1, act_dim=1, n_bins=len(logits))
+    with torch.no_grad():
+        policy.net[-1].weight.zero_()
+        policy.net[-1].bias.copy_(torch.tensor(logits))
+    return policy
+
+
+def constant_value(v: float) -> torch.nn.Sequential:
+    value = iq.mlp(1, 1)
+    with torch.no_grad():
+        value[-1].weight.zero_()
+        value[-1].bias.fill_(v)
+    return value
+
+
+@pytest.mark.parametrize("tau", [0.5, 5.0])
+def test_iq_loss_on_a_hand_made_batch(tau):
+    # Online pi = (1/4, 1/2, 1/4), V = 1; target pi_bar = (3/5, 1/5, 1/5), V_bar = 2.
+    policy, target_policy = constant_policy([0.0, math.log(2), 0.0]), constant_policy([math.log(3), 0.0, 0.0])
+    value, target_value = constant_value(1.0), constant_value(2.0)
+    batch = dict(obs=torch.zeros(2, 1), next_obs=torch.ones(2, 1), action=torch.tensor([[1], [0]]),
+                 reward=torch.tensor([0.5, -1.0]), terminated=torch.tensor([False, True]))
+    alpha, gamma = 0.9, 0.99
+    munchausen = lambda p: max(tau * math.log(p), -1.0)  # clipped to [-1, 0]
+    # Step 1: bin 1, continues: r + alpha clip(tau ln 1/5) + gamma V_bar - tau ln 1/2 - V.
+    e1 = 0.5 + alpha * munchausen(0.2) + gamma * 2.0 - tau * math.log(0.5) - 1.0
+    # Step 2: bin 0, terminated: no bootstrap.
+    e2 = -1.0 + alpha * munchausen(0.6) - tau * math.log(0.25) - 1.0
+    loss = iq.iq_loss(policy, value, target_policy, target_value, batch, tau, alpha, gamma, -1.0)
+    assert loss.item() == pytest.approx((e1**2 + e2**2) / 2, rel=1e-6)
+    if tau == 5.0:
+        assert munchausen(0.2) == -1.0  # the clip is what this case checks
+
+
+def test_residual_target_sends_gradients_through_the_next_value():
+    torch.manual_seed(1)
+    policy, value = iq.MultiCategoricalPolicy(3, 2, 5), iq.mlp(3, 1)
+    targets = copy.deepcopy(policy), copy.deepcopy(value)
+    batch = dict(obs=torch.randn(8, 3), next_obs=torch.randn(8, 3), action=torch.randint(0, 5, (8, 2)),
+                 reward=torch.randn(8), terminated=torch.zeros(8, dtype=torch.bool))
+    grads = []
+    for residual in (False, True):
+        value.zero_grad()
+        loss = iq.iq_loss(policy, value, *targets, batch, 0.01, 0.9, 0.99, -1.0, residual)
+        loss.backward()
+        grads.append((loss.item(), value[0].weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0])  # same loss: target = online here
+    assert not torch.allclose(grads[0][1], grads[1][1])  # but a different gradient
+
+
+def tiny_args(**overrides) -> iq.Args:
+    base = dict(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, batch_size=32, buffer_size=1000,
+                eval_every=150, eval_episodes=1, cuda=False)
+    return iq.Args(**(base | overrides))
+
+
+@pytest.mark.parametrize("policy", ["multicategorical", "gaussian"])
+def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch, policy):
+    monkeypatch.chdir(tmp_path)
+    m = iq.train(tiny_args(policy=policy, save_model=True))
+    assert m["global_step"] == 300 and math.isfinite(m["loss"]) and math.isfinite(m["eval_return"])
+    resumed = iq.train(tiny_args(policy=policy, total_timesteps=450, checkpoint_path=m["checkpoint"]))
+    assert resumed["global_step"] == 450 and math.isfinite(resumed["loss"])
+    ev = iq.train(tiny_args(policy=policy, checkpoint_path=m["checkpoint"], eval_only=True, eval_episodes=2))
+    assert len(ev["eval_returns"]) == 2
+
+
+def test_bin_centres_span_the_action_bounds():
+    low, high = np.array([-1.0, -0.4]), np.array([1.0, 0.4])
+    centres = iq.to_env_action(torch.tensor([[0, 0], [5, 5], [10, 10]]), "multicategorical", low, high, 11)
+    np.testing.assert_allclose(centres, [[-1.0, -0.4], [0.0, 0.0], [1.0, 0.4]])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(env_id="CartPole-v1"), "continuous (Box) action space"),
+        (dict(alpha=1.5), "--alpha must be in [0, 1]"),
+        (dict(tau=0.0), "--tau must be > 0"),
+        (dict(n_bins=1), "--n-bins must be >= 2"),
+        (dict(learning_starts=10), "--learning-starts must be >= --batch-size"),
+    ],
+)
+def test_bad_input_is_a_usage_error_before_training(overrides, message):
+    with pytest.raises(iq.UsageError, match=re.escape(message)):
+        iq.train(tiny_args(**overrides))
+
+
+def test_discrete_env_exits_with_a_one_line_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "iq_continuous.py"), "--env-id", "CartPole-v1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: iq_continuous.py needs a continuous")
