@@ -1,0 +1,200 @@
+"""Turn benchmarks/results into tables against the papers and learning curves.
+
+    python benchmarks/report.py                 # writes benchmarks/results/REPORT.md and PNGs
+    python benchmarks/report.py --readme README.md   # and the README's Results section
+
+Reads every TensorBoard run under benchmarks/results/runs/ (what each run
+is comes from its logged hyper-parameters), the BitFlip sweep's CSV, the
+markers benchmarks/run.py leaves (machine and date), and the papers' numbers
+in benchmarks/paper_results.csv. Works on partial results: unfinished runs
+are counted apart and drawn in the curves. The score of a run is its last
+deterministic evaluation (charts/eval_return); a cell is the median over
+seeds +- half the interquartile range, as the QWR paper reports.
+"""
+
+import argparse
+import csv
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- benchmarks/report.py: start -->", "<!-- benchmarks/report.py: end -->"
+GRID_TITLES = {
+    "qwr-table1": "QWR paper Table 1: MuJoCo, 100K environment steps",
+    "qwr-table2": "QWR paper Table 2: Atari, 100K interactions",
+    "qwr-table3": "QWR paper Table 3: MuJoCo, 1M environment steps",
+}
+
+
+def method_of(hp: dict) -> str:
+    """The paper's name for a run, from its logged hyper-parameters."""
+    script = hp.get("exp_name", "?")
+    if script.startswith("qwr"):
+        return "QWR-" + {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
+    return {"awr_continuous": "AWR"}.get(script, script)
+
+
+def grid_of(hp: dict) -> str:
+    steps, script = int(hp.get("total_timesteps", 0)), hp.get("exp_name", "")
+    if script == "qwr_atari":
+        return "qwr-table2"
+    if script in ("qwr_continuous", "awr_continuous"):
+        return {100_000: "qwr-table1", 1_000_000: "qwr-table3"}.get(steps, f"{steps} steps")
+    return script
+
+
+def read_run(path: Path) -> dict | None:
+    """One run directory -> what it is, its evaluation curve and its speed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    if "hyperparameters/text_summary" not in tags["tensors"] or "charts/eval_return" not in tags["scalars"]:
+        return None
+    text = ea.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    hp = dict(re.findall(r"^\|([^|]+)\|([^|]*)\|$", text, re.M))
+    curve = [(e.step, e.value) for e in ea.Scalars("charts/eval_return")]
+    scalars = [e for tag in tags["scalars"] for e in ea.Scalars(tag)]
+    sps = ea.Scalars("charts/SPS")[-1].value if "charts/SPS" in tags["scalars"] else float("nan")
+    return dict(
+        grid=grid_of(hp), method=method_of(hp), env=hp.get("env_id", "?"), seed=int(hp.get("seed", 0)),
+        total=int(hp.get("total_timesteps", 0)), curve=curve, sps=sps, path=path,
+        wall_minutes=(max(e.wall_time for e in scalars) - min(e.wall_time for e in scalars)) / 60,
+        finished=curve[-1][0] >= int(hp.get("total_timesteps", 0)),
+    )
+
+
+def collect_runs(runs_dir: Path) -> list[dict]:
+    """Every run, keeping per (grid, method, env, seed) the one that got furthest."""
+    best: dict = {}
+    for path in sorted(p.parent for p in runs_dir.glob("*/events.out.tfevents*")):
+        run = read_run(path)
+        if run is None:
+            continue
+        key = (run["grid"], run["method"], run["env"], run["seed"])
+        if key not in best or run["curve"][-1][0] >= best[key]["curve"][-1][0]:
+            best[key] = run
+    return list(best.values())
+
+
+def median_iqr(x) -> str:
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    return f"{med:.0f} ± {(q3 - q1) / 2:.0f}" if len(x) > 1 else f"{med:.0f}"
+
+
+def paper_numbers() -> dict:
+    with open(ROOT / "benchmarks" / "paper_results.csv") as f:
+        return {(r["grid"], r["method"], r["env"]): r for r in csv.DictReader(f)}
+
+
+def plot_grid(grid: str, runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = sorted({r["env"] for r in runs})
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.6), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for method in sorted({r["method"] for r in runs if r["env"] == env}):
+            curves = [dict(r["curve"]) for r in runs if r["env"] == env and r["method"] == method]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            y = np.array([[c[s] for s in steps] for c in curves])
+            line = ax.plot(steps, np.median(y, 0), "o-", ms=3, label=f"{method} ({len(curves)} seeds)")[0]
+            if len(curves) > 1:
+                ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+        ax.set(title=env, xlabel="environment steps", ylabel="eval return")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{GRID_TITLES.get(grid, grid)} (median over seeds, band: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def bitflip_section(prefix: str) -> list[str]:
+    path = RESULTS / "bitflip" / "bitflip_sweep.csv"
+    if not path.is_file():
+        return ["### BitFlip (QWR paper Fig. 1)", "", "Not run yet: `python benchmarks/run.py bitflip`.", ""]
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["algo"], int(r["n_bits"]))].append(float(r["eval_return"]))
+    ns = sorted({n for _, n in by})
+    seeds = len(by[("qwr", ns[0])])
+    seconds = [float(r["seconds"]) for r in rows]
+    out = ["### BitFlip (QWR paper Fig. 1)", "",
+           f"Mean return of 10 greedy games after 10 iterations; mean [min, max] over {seeds} seeds. "
+           f"{len(rows)} runs, {np.median(seconds):.0f} s each (median), {sum(seconds) / 60:.0f} CPU-minutes in all.",
+           "", "| N | optimum | AWR | QWR |", "|---|---|---|---|"]
+    optimum = {int(r["n_bits"]): r["optimal_return"] for r in rows}
+    for n in ns:
+        cells = [f"{np.mean(by[(a, n)]):.1f} [{min(by[(a, n)]):.1f}, {max(by[(a, n)]):.1f}]" for a in ("awr", "qwr")]
+        out.append(f"| {n} | {optimum[n]} | {cells[0]} | {cells[1]} |")
+    return out + ["", f"![BitFlip sweep]({prefix}bitflip/bitflip_sweep.png)", ""]
+
+
+def report(prefix: str) -> str:
+    """The whole report as markdown; image paths start with prefix."""
+    runs = collect_runs(RESULTS / "runs")
+    paper = paper_numbers()
+    markers = [json.loads(p.read_text()) for p in sorted((RESULTS / "done").glob("*.json"))]
+    lines = []
+    if markers:
+        dates = sorted(m["finished"][:10] for m in markers)
+        machines = sorted({m["machine"] for m in markers})
+        lines += [f"Runs finished {dates[0]} to {dates[-1]} on: {'; '.join(machines)}.", ""]
+    for grid in sorted({r["grid"] for r in runs}):
+        grid_runs = [r for r in runs if r["grid"] == grid]
+        lines += [f"### {GRID_TITLES.get(grid, grid)}", "",
+                  "| method | env | ours: final eval return | seeds | paper | wall time per run | SPS |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, env in sorted({(r["method"], r["env"]) for r in grid_runs}):
+            done = [r for r in grid_runs if r["method"] == method and r["env"] == env and r["finished"]]
+            running = [r for r in grid_runs if r["method"] == method and r["env"] == env and not r["finished"]]
+            ours = median_iqr([r["curve"][-1][1] for r in done]) if done else "–"
+            seeds = f"{len(done)}" + (f" (+{len(running)} running)" if running else "")
+            p = paper.get((grid, method, env))
+            theirs = (f"{p['score']} ± {p['spread']}" if p and p["spread"] else p["score"] if p else "–")
+            wall = f"{np.median([r['wall_minutes'] for r in done]):.0f} min" if done else "–"
+            sps = f"{np.median([r['sps'] for r in done]):.0f}" if done else "–"
+            lines.append(f"| {method} | {env} | {ours} | {seeds} | {theirs} | {wall} | {sps} |")
+        png = f"{grid}.png"
+        plot_grid(grid, grid_runs, RESULTS / png)
+        lines += ["", f"![{grid} learning curves]({prefix}{png})", ""]
+    lines += bitflip_section(prefix)
+    not_run = sorted(set(GRID_TITLES) - {r["grid"] for r in runs})
+    if not_run:
+        lines += ["Not run yet: " + ", ".join(GRID_TITLES[g] for g in not_run)
+                  + " (`python benchmarks/run.py <grid> --dry-run` lists them).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", type=Path, help=f"also replace the block between {START} and {END} there")
+    a = parser.parse_args()
+    if not (RESULTS / "runs").is_dir() and not (RESULTS / "bitflip").is_dir():
+        raise SystemExit(f"error: no results in {RESULTS}; run benchmarks/run.py first")
+    (RESULTS / "REPORT.md").write_text("# Benchmark report\n\n" + report("") + "\n")
+    print(f"wrote {RESULTS / 'REPORT.md'}")
+    if a.readme:
+        text = a.readme.read_text()
+        if START not in text or END not in text:
+            raise SystemExit(f"error: {a.readme} has no {START} ... {END} block to replace")
+        head, rest = text.split(START, 1)
+        body = report(str((RESULTS).relative_to(a.readme.resolve().parent)) + "/")
+        a.readme.write_text(head + START + "\n" + body + "\n" + END + rest.split(END, 1)[1])
+        print(f"updated {a.readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Run the papers' benchmark grids, one process per (script, env, flags, seed).
+
+    python benchmarks/run.py qwr-table1 --dry-run        # print the grid
+    python benchmarks/run.py qwr-table1 --seeds 1 2 --envs Walker2d-v4 Hopper-v4
+    python benchmarks/run.py bitflip
+
+Every run works in benchmarks/results/ (TensorBoard logs go to its runs/),
+keeps its stdout in results/logs/, and on success leaves a marker in
+results/done/ with its command, wall time, date and machine. A grid is
+resumable: runs with a marker are skipped, an unfinished run starts again.
+As many runs go at once as --jobs says (default: one per CPU core), each with
+cores / jobs torch threads. benchmarks/report.py turns the results into
+tables and plots.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import shutil
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+MUJOCO = ["HalfCheetah-v4", "Walker2d-v4", "Hopper-v4", "Humanoid-v4"]
+ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v4",
+         "GopherNoFrameskip-v4", "PongNoFrameskip-v4", "SeaquestNoFrameskip-v4"]
+QWR_1M = ["--total-timesteps", "1000000", "--tau", "1.0", "--backup-scale", "std"]  # Appendix 6.1
+
+# grid -> (method, script, extra flags, envs). The paper's tables report 5 seeds.
+GRIDS = {
+    "qwr-table1": [  # QWR paper Table 1: MuJoCo at 100K samples
+        ("QWR-LSE", "qwr_continuous.py", ["--backup", "lse"], MUJOCO),
+        ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
+        ("QWR-AVG", "qwr_continuous.py", ["--backup", "mean"], MUJOCO),
+        ("AWR", "awr_continuous.py", [], MUJOCO),
+    ],
+    "qwr-table2": [  # QWR paper Table 2: Atari at 100K interactions
+        ("QWR-LSE", "qwr_atari.py", ["--backup", "lse"], ATARI),
+        ("QWR-MAX", "qwr_atari.py", ["--backup", "max"], ATARI),
+        ("QWR-AVG", "qwr_atari.py", ["--backup", "mean"], ATARI),
+    ],
+    "qwr-table3": [  # QWR paper Table 3: MuJoCo at 1M samples
+        ("QWR-LSE", "qwr_continuous.py", QWR_1M, MUJOCO),
+        ("AWR", "awr_continuous.py", ["--total-timesteps", "1000000"], MUJOCO),
+    ],
+    "emaq": [  # EMaQ on locally made Minari datasets
+        ("EMaQ", "emaq_offline.py", [], ["local/walker2d/qwr-replay-v0", "local/hopper/qwr-replay-v0"]),
+    ],
+    "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation
+        ("M-IQ", "iq_continuous.py", [], ["HalfCheetah-v4", "Walker2d-v4"]),
+        ("IQ", "iq_continuous.py", ["--alpha", "0"], ["HalfCheetah-v4", "Walker2d-v4"]),
+        ("M-IQ-gaussian", "iq_continuous.py", ["--policy", "gaussian"], ["HalfCheetah-v4", "Walker2d-v4"]),
+    ],
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}){gpu}"
+
+
+def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
+    """The grid's runs, filtered; bitflip is one run (its own sweep)."""
+    if grid == "bitflip":
+        return [dict(key="bitflip__sweep", script="bitflip.py", args=["--sweep", "--out-dir", "bitflip"])]
+    runs = []
+    for method, script, flags, grid_envs in GRIDS[grid]:
+        for env in grid_envs:
+            for seed in seeds:
+                if (envs and env not in envs) or (methods and method not in methods):
+                    continue
+                env_flag = "--dataset-id" if script == "emaq_offline.py" else "--env-id"
+                runs.append(dict(key=f"{grid}__{method}__{env.replace('/', '-')}__{seed}", script=script,
+                                 args=[env_flag, env, "--seed", str(seed), *flags]))
+    return runs
+
+
+def launch(run: dict, threads: int) -> tuple[str, int, float]:
+    """Run one benchmark to completion in benchmarks/results; write its marker."""
+    command = [sys.executable, str(ROOT / run["script"]), *run["args"]]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.time()
+    with open(RESULTS / "logs" / f"{run['key']}.log", "w") as log:
+        rc = subprocess.run(command, cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.time() - start
+    if rc == 0:
+        marker = dict(command=" ".join(["python", run["script"], *run["args"]]), wall_seconds=round(wall, 1),
+                      finished=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
+                      threads=threads)
+        (RESULTS / "done" / f"{run['key']}.json").write_text(json.dumps(marker, indent=1) + "\n")
+    return run["key"], rc, wall
+
+
+def adopt(runs_dir: Path) -> None:
+    """Take in finished runs made outside run.py (the scripts' own runs/ dirs):
+    copy their TensorBoard logs (not checkpoints) and write their markers."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report import read_run
+
+    for path in sorted(p.parent for p in runs_dir.glob("*/events.out.tfevents*")):
+        run = read_run(path)
+        if run is None or not run["finished"]:
+            print(f"skipped (unfinished or not a benchmark run): {path}")
+            continue
+        key = f"{run['grid']}__{run['method']}__{run['env'].replace('/', '-')}__{run['seed']}"
+        flags = next((f for m, s, f, _ in GRIDS.get(run["grid"], []) if m == run["method"]), [])
+        script = next((s for m, s, _, _ in GRIDS.get(run["grid"], []) if m == run["method"]), "?")
+        (RESULTS / "runs" / path.name).mkdir(parents=True, exist_ok=True)
+        for f in path.glob("events.out.tfevents*"):
+            shutil.copy2(f, RESULTS / "runs" / path.name / f.name)
+        marker = dict(command=" ".join(["python", script, "--env-id", run["env"], "--seed", str(run["seed"]), *flags]),
+                      wall_seconds=round(run["wall_minutes"] * 60, 1), machine=machine(), adopted_from=str(path),
+                      finished=datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds"))
+        (RESULTS / "done").mkdir(parents=True, exist_ok=True)
+        (RESULTS / "done" / f"{key}.json").write_text(json.dumps(marker, indent=1) + "\n")
+        print(f"adopted {key} from {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", nargs="?", choices=[*GRIDS, "bitflip"], help="which paper table (or figure) to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seeds (paper: 5)")
+    parser.add_argument("--envs", nargs="+", help="only these env ids (or dataset ids)")
+    parser.add_argument("--methods", nargs="+", help="only these methods, e.g. QWR-LSE AWR")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and what is done, run nothing")
+    parser.add_argument("--adopt", type=Path, help="take in the finished runs of a runs/ directory made by hand "
+                                                   "(same machine), instead of running a grid")
+    a = parser.parse_args()
+    if a.adopt:
+        return adopt(a.adopt)
+    if a.grid is None:
+        parser.error("name a grid (or --adopt a runs/ directory)")
+
+    runs = runs_of(a.grid, a.seeds, a.envs, a.methods)
+    if not runs:
+        sys.exit("error: the filters leave no run in this grid (see --dry-run without them)")
+    for sub in ("logs", "done"):
+        (RESULTS / sub).mkdir(parents=True, exist_ok=True)
+    missing = sorted({r["script"] for r in runs if not (ROOT / r["script"]).is_file()})
+    done = {r["key"] for r in runs if (RESULTS / "done" / f"{r['key']}.json").is_file()}
+    todo = [r for r in runs if r["key"] not in done and r["script"] not in missing]
+    for r in runs:
+        status = "done" if r["key"] in done else "no script yet" if r["script"] in missing else "to run"
+        print(f"{status:>14}  python {r['script']} {' '.join(r['args'])}")
+    print(f"{len(runs)} runs: {len(done)} done, {len(todo)} to run"
+          + (f", {sum(r['script'] in missing for r in runs)} waiting for {', '.join(missing)}" if missing else ""))
+    if a.dry_run or not todo:
+        return
+    jobs = max(1, min(a.jobs, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"running {len(todo)} on {jobs} processes ({threads} torch threads each), logs in {RESULTS / 'logs'}")
+    failed = 0
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(launch, r, threads) for r in todo]):
+            key, rc, wall = future.result()
+            failed += rc != 0
+            print(f"{'ok' if rc == 0 else f'FAILED ({rc})'}  {key}  {wall / 60:.1f} min", flush=True)
+    if failed:
+        sys.exit(f"{failed} runs failed; see their logs in {RESULTS / 'logs'}")
+
+
+if __name__ == "__main__":
+    main()
