@@ -18,10 +18,10 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
-import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 

@@ -1,18 +1,14 @@
 """awr_continuous.py: TD(lambda) returns over stored trajectories, advantage
-weights, the replay buffer's order, the normaliser, smoke runs and errors."""
+weights, the replay buffer's order, the normaliser (its runs and errors:
+test_scripts.py)."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import awr_continuous as awr
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Two episodes, oldest step first: A = steps 0-2, terminated at 2; B = steps 3-4,
 # truncated by the time limit at 4. next_values[t] = V(s_{t+1}); 99 belongs to a
@@ -120,56 +116,3 @@ def test_authors_per_env_settings():
     assert awr.authors_setting("Hopper-v5")["actor_lr"] == 1e-4
     assert awr.authors_setting("Humanoid-v4")["action_std"] == 0.2
     assert awr.authors_setting("Pendulum-v1") == awr.AUTHORS_DEFAULT
-
-
-def tiny_args(**overrides) -> awr.Args:
-    base = dict(env_id="Hopper-v4", total_timesteps=250, samples_per_iteration=100, critic_steps=8,
-                actor_steps=8, batch_size=32, buffer_size=1000, eval_every=1, eval_episodes=2, cuda=False)
-    return awr.Args(**(base | overrides))
-
-
-def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    m = awr.train(tiny_args(save_model=True))
-    for key in ("critic_loss", "actor_loss", "value_mean", "return_mean", "eval_return", "sps"):
-        assert math.isfinite(m[key]), key
-    # 250 steps in iterations of 100: the last one collects 50.
-    assert m["global_step"] == 250 and Path(m["checkpoint"]).is_file()
-    assert list(Path("runs", m["run_name"]).glob("events.out.tfevents*"))
-    resumed = awr.train(tiny_args(total_timesteps=350, checkpoint_path=m["checkpoint"]))
-    assert resumed["global_step"] == 350 and math.isfinite(resumed["critic_loss"])
-    ev = awr.train(tiny_args(checkpoint_path=m["checkpoint"], eval_only=True, eval_episodes=3))
-    assert len(ev["eval_returns"]) == 3 and ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"]))
-
-
-def test_same_seed_same_numbers(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    keys = ("critic_loss", "actor_loss", "value_mean", "eval_return")
-    a, b = awr.train(tiny_args(total_timesteps=100)), awr.train(tiny_args(total_timesteps=100))
-    assert [a[k] for k in keys] == [b[k] for k in keys]
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(env_id="CartPole-v1"), "continuous (Box) action space"),
-        (dict(env_id="NoSuchEnv-v0"), "cannot make env 'NoSuchEnv-v0'"),
-        (dict(num_envs=3), "multiple of --num-envs"),
-        (dict(gamma=1.0), "--gamma must be in (0, 1)"),
-        (dict(actor_lr=0.0), "--actor-lr and --action-std must be > 0"),
-        (dict(eval_only=True), "--eval-only needs --checkpoint-path"),
-        (dict(checkpoint_path="missing.pt"), "checkpoint not found"),
-    ],
-)
-def test_bad_input_is_a_usage_error_before_training(overrides, message):
-    with pytest.raises(awr.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        awr.train(tiny_args(**overrides))
-
-
-def test_discrete_env_exits_with_a_one_line_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "awr_continuous.py"), "--env-id", "CartPole-v1"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: awr_continuous.py needs a continuous (Box) action space, but CartPole-v1 has Discrete(2)"
-    )

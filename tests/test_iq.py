@@ -1,13 +1,10 @@
 """IQ / M-IQ: Theorem 1 of iq.md (IQ-DP is MD-VI) and its corollaries, exactly
 on small random MDPs; the implicit Q-value of the multicategorical policy; the
-loss of Eq. (2) on a hand-made batch; smoke runs and errors of iq_continuous.py."""
+loss of Eq. (2) on a hand-made batch (iq_continuous.py's runs and errors:
+test_scripts.py)."""
 
 import copy
 import math
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +13,6 @@ import torch
 import iq_continuous as iq
 from tests.tabular import optimal_q, random_mdp, random_policy
 
-ROOT = Path(__file__).resolve().parents[1]
 GAMMA = 0.9
 
 
@@ -172,46 +168,9 @@ def test_residual_target_sends_gradients_through_the_next_value():
     assert not torch.allclose(grads[0][1], grads[1][1])  # but a different gradient
 
 
-def tiny_args(**overrides) -> iq.Args:
-    base = dict(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, batch_size=32, buffer_size=1000,
-                eval_every=150, eval_episodes=1, cuda=False)
-    return iq.Args(**(base | overrides))
-
-
-@pytest.mark.parametrize("policy", ["multicategorical", "gaussian"])
-def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch, policy):
-    monkeypatch.chdir(tmp_path)
-    m = iq.train(tiny_args(policy=policy, save_model=True))
-    assert m["global_step"] == 300 and math.isfinite(m["loss"]) and math.isfinite(m["eval_return"])
-    resumed = iq.train(tiny_args(policy=policy, total_timesteps=450, checkpoint_path=m["checkpoint"]))
-    assert resumed["global_step"] == 450 and math.isfinite(resumed["loss"])
-    ev = iq.train(tiny_args(policy=policy, checkpoint_path=m["checkpoint"], eval_only=True, eval_episodes=2))
-    assert len(ev["eval_returns"]) == 2
 
 
 def test_bin_centres_span_the_action_bounds():
     low, high = np.array([-1.0, -0.4]), np.array([1.0, 0.4])
     centres = iq.to_env_action(torch.tensor([[0, 0], [5, 5], [10, 10]]), "multicategorical", low, high, 11)
     np.testing.assert_allclose(centres, [[-1.0, -0.4], [0.0, 0.0], [1.0, 0.4]])
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(env_id="CartPole-v1"), "continuous (Box) action space"),
-        (dict(alpha=1.5), "--alpha must be in [0, 1]"),
-        (dict(tau=0.0), "--tau must be > 0"),
-        (dict(n_bins=1), "--n-bins must be >= 2"),
-        (dict(learning_starts=10), "--learning-starts must be >= --batch-size"),
-    ],
-)
-def test_bad_input_is_a_usage_error_before_training(overrides, message):
-    with pytest.raises(iq.UsageError, match=re.escape(message)):
-        iq.train(tiny_args(**overrides))
-
-
-def test_discrete_env_exits_with_a_one_line_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "iq_continuous.py"), "--env-id", "CartPole-v1"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: iq_continuous.py needs a continuous")

@@ -1,24 +1,11 @@
-"""qwr_continuous.py's replay buffer, data collection and command line: episode
-boundaries, the stored sampling policy, smoke runs, checkpoints, errors."""
-
-import math
-import subprocess
-import sys
-from pathlib import Path
+"""qwr_continuous.py's replay buffer, data collection and normaliser: episode
+boundaries and the stored sampling policy (its runs and errors: test_scripts.py)."""
 
 import numpy as np
 import pytest
 import torch
 
 import qwr_continuous as qwr
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_args(**overrides) -> qwr.Args:
-    base = dict(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=8,
-                actor_steps=8, batch_size=32, buffer_size=1000, eval_every=1, eval_episodes=2, cuda=False)
-    return qwr.Args(**(base | overrides))
 
 
 def rollout_of(rewards, terminated, truncated, obs_dim=1, act_dim=1):
@@ -96,49 +83,3 @@ def test_obs_normalizer_matches_numpy_and_freezes_at_its_limit():
         norm.update(chunk)
     assert norm.count.item() == 350
     assert torch.allclose(norm.mean, x[:350].mean(0)) and torch.allclose(norm.var, x[:350].var(0, correction=0))
-
-
-def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    m = qwr.train(tiny_args(save_model=True))
-    for key in ("critic_loss", "actor_loss", "q_mean", "target_mean", "eval_return", "sps"):
-        assert math.isfinite(m[key]), key
-    assert m["global_step"] == 200 and Path(m["checkpoint"]).is_file()
-    assert list(Path("runs", m["run_name"]).glob("events.out.tfevents*"))
-    resumed = qwr.train(tiny_args(total_timesteps=300, checkpoint_path=m["checkpoint"]))
-    assert resumed["global_step"] == 300 and math.isfinite(resumed["critic_loss"])
-    ev = qwr.train(tiny_args(checkpoint_path=m["checkpoint"], eval_only=True, eval_episodes=3))
-    assert len(ev["eval_returns"]) == 3 and ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"]))
-
-
-def test_same_seed_same_numbers(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    keys = ("critic_loss", "actor_loss", "q_mean", "eval_return")
-    a, b = qwr.train(tiny_args(total_timesteps=100)), qwr.train(tiny_args(total_timesteps=100))
-    assert [a[k] for k in keys] == [b[k] for k in keys]
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(env_id="CartPole-v1"), "continuous (Box) action space"),
-        (dict(env_id="NoSuchEnv-v0"), "cannot make env 'NoSuchEnv-v0'"),
-        (dict(total_timesteps=150), "multiple of --steps-per-iteration"),
-        (dict(tau=0.0), "--tau must be > 0"),
-        (dict(td_lambda=1.5), "--td-lambda"),
-        (dict(eval_only=True), "--eval-only needs --checkpoint-path"),
-        (dict(checkpoint_path="missing.pt"), "checkpoint not found"),
-    ],
-)
-def test_bad_input_is_a_usage_error_before_training(overrides, message):
-    with pytest.raises(qwr.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        qwr.train(tiny_args(**overrides))
-
-
-def test_discrete_env_exits_with_a_one_line_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "qwr_continuous.py"), "--env-id", "CartPole-v1"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: qwr_continuous.py needs a continuous (Box) action space, but CartPole-v1 has Discrete(2)"
-    )
