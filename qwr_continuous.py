@@ -11,9 +11,11 @@ Q-value critic. Each iteration it
      from the stored mu (Eq. 3): weights exp(A / beta), A = Q(s, a_j) - mean_j Q.
 Defaults are the paper's Table 4 and the 100K setting of Appendix 6.1. Details
 the paper leaves open follow the authors' Trax code (class SamplingAWR), and
-each is a flag that says so.
+each is a flag that says so. Offline (Section 4.4), the same updates run on a
+Minari dataset with mu = N(action taken, 0.4); the online mode can write one.
 
     python qwr_continuous.py --env-id Walker2d-v4
+    python qwr_continuous.py --offline-dataset-id local/walker2d/qwr-replay-v0
 """
 
 import copy
@@ -22,7 +24,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -111,6 +114,18 @@ class Args:
     """checkpoint to load: training resumes from it, or see --eval-only"""
     eval_only: bool = False
     """only evaluate the policy of --checkpoint-path, then exit"""
+
+    # Offline datasets (Minari, https://minari.farama.org; stored under $MINARI_DATASETS_PATH)
+    save_dataset: Optional[str] = None
+    """Minari id (e.g. local/walker2d/qwr-replay-v0): at the end, write every step collected as a dataset"""
+    save_policy_dataset: Optional[str] = None
+    """Minari id: at the end, write --policy-dataset-episodes episodes of the trained (stochastic) policy"""
+    policy_dataset_episodes: int = 50
+    """episodes in the --save-policy-dataset dataset (the paper's offline datasets have 50, Fig. 3)"""
+    offline_dataset_id: Optional[str] = None
+    """train from this Minari dataset without env interaction, mu = N(action taken, --action-std) (Section 4.4)"""
+    offline_iterations: int = 30
+    """iterations of critic and actor steps in offline mode (Section 4.4)"""
 
 
 class UsageError(ValueError):
@@ -246,6 +261,7 @@ def check_args(args: Args) -> None:
         raise UsageError(f"{args.env_id}'s action space has infinite bounds: {act}")
     if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
         raise UsageError(f"qwr_continuous.py needs flat vector observations, {args.env_id} has {obs}")
+    check_dataset_args(args)
     problems = [
         (args.total_timesteps % args.steps_per_iteration != 0,
          "--total-timesteps must be a multiple of --steps-per-iteration"),
@@ -272,6 +288,23 @@ def check_args(args: Args) -> None:
     for bad, message in problems:
         if bad:
             raise UsageError(message)
+
+
+def check_dataset_args(args: Args) -> None:
+    if not (args.save_dataset or args.save_policy_dataset or args.offline_dataset_id):
+        return
+    try:
+        import minari
+    except ImportError:
+        raise UsageError("datasets need minari: pip install 'minari[hdf5]'") from None
+    outputs = (("--save-dataset", args.save_dataset), ("--save-policy-dataset", args.save_policy_dataset))
+    for flag, dataset_id in outputs:
+        if dataset_id and dataset_id in minari.list_local_datasets():
+            raise UsageError(f"{flag}: dataset {dataset_id} exists already; choose another id or version")
+    if args.save_dataset and (args.checkpoint_path or args.offline_dataset_id):
+        raise UsageError("--save-dataset needs a run from scratch: it writes every step that run collects")
+    if args.policy_dataset_episodes < 1:
+        raise UsageError("--policy-dataset-episodes must be >= 1")
 
 
 class ReplayBuffer:
@@ -353,6 +386,89 @@ class ObsNormalizer(nn.Module):
         self.mean += delta * n / total
         self.var.copy_(m2 / total)
         self.count.copy_(total)
+
+
+# ----------------------------------------------------------------------------
+# Offline datasets (Minari): written from what the agent collected, read back
+# ----------------------------------------------------------------------------
+
+# D4RL's random and expert returns, for normalised scores (0 random, 100 expert).
+D4RL_REF_SCORES = {"HalfCheetah": (-280.178953, 12135.0), "Hopper": (-20.272305, 3234.3),
+                   "Walker2d": (1.629008, 4592.3)}
+
+
+def episodes_of(rollouts: list, low: np.ndarray, high: np.ndarray) -> list:
+    """Cut rollouts ([steps, num_envs] each, in order) into each env's episodes:
+    observations (T + 1, the last the true final one), the actions the env
+    executed (clipped), rewards, terminations, truncations. An episode still
+    running when collection stopped ends there, truncated."""
+    data = {k: torch.cat([r[k] for r in rollouts]).cpu().numpy()
+            for k in ("obs", "action", "reward", "terminated", "episode_end", "next_obs")}
+    n_steps, n_envs = data["reward"].shape
+    episodes = []
+    for e in range(n_envs):
+        ends = np.flatnonzero(data["episode_end"][:, e] | (np.arange(n_steps) == n_steps - 1))
+        for start, end in zip(np.concatenate([[0], ends[:-1] + 1]), ends + 1):
+            terminated = data["terminated"][start:end, e]
+            episodes.append(dict(
+                observations=np.concatenate([data["obs"][start:end, e], data["next_obs"][end - 1 : end, e]]),
+                actions=np.clip(data["action"][start:end, e], low, high), rewards=data["reward"][start:end, e],
+                terminations=terminated, truncations=~terminated & (np.arange(start, end) == end - 1)))
+    return episodes
+
+
+def write_dataset(dataset_id: str, episodes: list, env_id: str, description: str) -> None:
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    ref = D4RL_REF_SCORES.get(env_id.split("/")[-1].split("-")[0], (None, None))
+    with warnings.catch_warnings():  # minari asks for an author and e-mail, which a local dataset need not have
+        warnings.filterwarnings("ignore", message=".*is set to None", category=UserWarning)
+        minari.create_dataset_from_buffers(
+            dataset_id=dataset_id, env=env_id, algorithm_name="QWR (qwr_continuous.py)", description=description,
+            ref_min_score=ref[0], ref_max_score=ref[1],
+            buffer=[EpisodeBuffer(observations=ep["observations"], actions=ep["actions"], rewards=list(ep["rewards"]),
+                                  terminations=list(ep["terminations"]), truncations=list(ep["truncations"]))
+                    for ep in episodes])
+    steps = sum(len(ep["rewards"]) for ep in episodes)
+    print(f"wrote Minari dataset {dataset_id}: {len(episodes)} episodes, {steps} steps")
+
+
+def load_dataset(dataset_id: str, action_std: float, device) -> tuple:
+    """A Minari dataset as a one-env replay buffer, with mu = N(a_taken, action_std)
+    at every state (Section 4.4: the dataset holds no sampling policy). The
+    final observation of an episode has no action taken; mu there is centred
+    on the episode's last action. Returns the buffer, the dataset's env id, and
+    its reference (random, expert) returns for normalised scores, or None."""
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError):
+        found = ", ".join(sorted(minari.list_local_datasets())) or "none"
+        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (found: {found}); make one with "
+                         f"python qwr_continuous.py --env-id Walker2d-v4 --save-dataset {dataset_id}") from None
+    parts = {k: [] for k in ("obs", "next_obs", "action", "next_mu_mean", "reward", "terminated", "episode_end")}
+    for ep in dataset.iterate_episodes():
+        n = len(ep.rewards)
+        parts["obs"].append(ep.observations[:-1])
+        parts["next_obs"].append(ep.observations[1:])
+        parts["action"].append(ep.actions)
+        parts["next_mu_mean"].append(np.concatenate([ep.actions[1:], ep.actions[-1:]]))
+        parts["reward"].append(ep.rewards)
+        parts["terminated"].append(ep.terminations)
+        parts["episode_end"].append(np.arange(n) == n - 1)
+    data = {k: torch.as_tensor(np.concatenate(v)).unsqueeze(1).to(device) for k, v in parts.items()}
+    for k in ("obs", "next_obs", "action", "next_mu_mean", "reward"):
+        data[k] = data[k].float()
+    data["mu_mean"] = data["action"]
+    data["mu_std"] = torch.full_like(data["action"], action_std)
+    buffer = ReplayBuffer(len(data["reward"]), 1, data["obs"].shape[-1], data["action"].shape[-1], device)
+    buffer.add(data)
+    meta = dataset.storage.metadata
+    refs = (meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None else None
+    return buffer, dataset.env_spec.id, refs
 
 
 def mlp(in_dim: int, hidden: int = 256) -> nn.Sequential:
@@ -457,6 +573,17 @@ def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
     return returns
 
 
+def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, device, seed: int) -> list:
+    """One episode in each of n environments, acting with the Gaussian policy."""
+    envs = make_vec_env(env_id, n)
+    obs, _ = envs.reset(seed=seed)
+    horizon = gym.spec(env_id).max_episode_steps or 1000  # every env ends an episode by then
+    rollout, _, _ = collect(envs, obs, horizon, actor, obs_norm, action_std, device)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    envs.close()
+    return [episodes_of([{k: v[:, e : e + 1] for k, v in rollout.items()}], low, high)[0] for e in range(n)]
+
+
 def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm, bounds) -> dict:
     """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4."""
     low, high = bounds
@@ -508,6 +635,11 @@ def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_
 
 def train(args: Args) -> dict:
     """Runs QWR and returns the final metrics (see the dict at the end)."""
+    offline, refs = None, None
+    if args.offline_dataset_id:
+        check_dataset_args(args)
+        offline, env_id, refs = load_dataset(args.offline_dataset_id, args.action_std, "cpu")
+        args = replace(args, env_id=env_id)  # evaluate where the data came from
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -531,7 +663,13 @@ def train(args: Args) -> dict:
     # eps=1e-5 is the default of the authors' (Trax) Adam.
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
-    buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
+    if offline is None:
+        buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
+    else:  # the whole dataset, normalised by its own statistics
+        buffer = offline
+        buffer.data = {k: v.to(device) for k, v in buffer.data.items()}
+        buffer.device = device
+        obs_norm.update(buffer.data["obs"])
     state = dict(actor=actor, obs_norm=obs_norm, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
 
     start_iteration = 0
@@ -541,12 +679,13 @@ def train(args: Args) -> dict:
             raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
         for k in ("actor", "obs_norm") if args.eval_only else state:
             state[k].load_state_dict(ckpt[k])
-        if not args.eval_only:
+        if not args.eval_only and offline is None:
             if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
                 raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
             buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
             # The environments restart, so the stored episode in progress ends here.
             buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
+        if not args.eval_only:
             start_iteration = ckpt["iteration"]
     if args.eval_only:
         returns = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000,
@@ -557,19 +696,27 @@ def train(args: Args) -> dict:
     writer = SummaryWriter(f"runs/{run_name}")
     table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    n_iterations = args.total_timesteps // args.steps_per_iteration
-    print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
+    n_iterations = args.offline_iterations if offline else args.total_timesteps // args.steps_per_iteration
+    source = f"offline from {args.offline_dataset_id} ({buffer.size} steps)" if offline else f"on {args.env_id}"
+    print(f"QWR-{args.backup} {source} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
     obs, _ = envs.reset(seed=args.seed)
     envs.action_space.seed(args.seed)
-    start_time, start_step = time.time(), start_iteration * args.steps_per_iteration
+    start_time = time.time()
+    start_step = start_iteration if offline else start_iteration * args.steps_per_iteration
     metrics: dict = {"eval_return": float("nan")}
+    collected = []  # every rollout, for --save-dataset
     for iteration in range(start_iteration, n_iterations):
         iteration_start = time.time()
-        rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, obs_norm,
-                                         args.action_std, device)
-        obs_norm.update(rollout["obs"])
-        buffer.add(rollout)
-        global_step = (iteration + 1) * args.steps_per_iteration
+        episodes = []
+        if offline is None:
+            rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, obs_norm,
+                                             args.action_std, device)
+            obs_norm.update(rollout["obs"])
+            buffer.add(rollout)
+            if args.save_dataset:
+                collected.append({k: v.cpu() for k, v in rollout.items()})
+        # Offline, the x-axis counts iterations: no environment steps are taken.
+        global_step = iteration + 1 if offline else (iteration + 1) * args.steps_per_iteration
         for ret, length in episodes:
             writer.add_scalar("charts/episodic_return", ret, global_step)
             writer.add_scalar("charts/episodic_length", length, global_step)
@@ -579,16 +726,17 @@ def train(args: Args) -> dict:
         if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
             raise FloatingPointError(f"non-finite losses at iteration {iteration + 1}: {metrics}")
 
-        sps = int((global_step - start_step) / (time.time() - start_time))
+        sps = 0 if offline else int((global_step - start_step) / (time.time() - start_time))
         metrics.update(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
         if episodes:
             metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
         for k in ("critic_loss", "actor_loss", "q_mean", "target_mean", "clipped_weight_fraction"):
             writer.add_scalar(f"losses/{k}", metrics[k], global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        if not offline:
+            writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/seconds_per_iteration", metrics["seconds_per_iteration"], global_step)
 
-        line = f"iter {iteration + 1}/{n_iterations} step {global_step}"
+        line = f"iter {iteration + 1}/{n_iterations}" + ("" if offline else f" step {global_step}")
         if episodes:
             line += f" | train return {metrics['episodic_return']:.1f}"
         if ((iteration + 1) % args.eval_every == 0 or iteration + 1 == n_iterations) and args.eval_episodes > 0:
@@ -597,18 +745,32 @@ def train(args: Args) -> dict:
             metrics["eval_return"] = float(returns.mean())
             writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
             line += f" | eval return {metrics['eval_return']:.1f}"
+            if offline and refs:  # D4RL's normalised score: 0 random, 100 expert
+                metrics["normalized_score"] = 100 * (metrics["eval_return"] - refs[0]) / (refs[1] - refs[0])
+                writer.add_scalar("charts/normalized_score", metrics["normalized_score"], global_step)
+                line += f" (score {metrics['normalized_score']:.1f})"
             if args.save_model:
                 path = f"runs/{run_name}/{args.exp_name}.pt"
-                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
-                    args=asdict(args), iteration=iteration + 1, buffer=buffer.data,
+                torch.save({k: v.state_dict() for k, v in state.items()} | dict(  # (offline: the data is the dataset)
+                    args=asdict(args), iteration=iteration + 1, buffer=None if offline else buffer.data,
                     buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
                 metrics["checkpoint"] = path
-        print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f}"
-              f" | {sps} SPS, {metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+        speed = ("" if offline else f"{sps} SPS, ") + f"{metrics['seconds_per_iteration']:.1f} s/iter"
+        print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {speed}", flush=True)
 
     envs.close()
     writer.close()
-    print(f"done: eval return {metrics['eval_return']:.1f} at step {metrics.get('global_step', start_step)}, "
+    if args.save_dataset:
+        low, high = envs.single_action_space.low, envs.single_action_space.high
+        write_dataset(args.save_dataset, episodes_of(collected, low, high), args.env_id,
+                      f"every step of {args.total_timesteps} collected by qwr_continuous.py (seed {args.seed})")
+    if args.save_policy_dataset:
+        write_dataset(args.save_policy_dataset,
+                      policy_episodes(args.env_id, args.policy_dataset_episodes, actor, obs_norm, args.action_std,
+                                      device, args.seed + 20_000), args.env_id,
+                      f"episodes of QWR's Gaussian policy (std {args.action_std}) after {run_name}")
+    print(f"done: eval return {metrics['eval_return']:.1f} at {'iteration' if offline else 'step'} "
+          f"{metrics.get('global_step', start_step)}, "
           f"{(time.time() - start_time) / 60:.1f} min")
     return metrics | {"run_name": run_name}
 
