@@ -1,0 +1,404 @@
+"""Expected-Max Q-learning (EMaQ) from an offline dataset (Minari).
+
+EMaQ (Ghasemipour et al., ../shared/papers/emaq.md) learns no policy network.
+It first fits a behaviour model mu(a|s) to the dataset, then learns Q with
+the Expected-Max operator (Eq. 5; Algorithm 1 in Appendix C)
+    T^N_mu Q(s, a) = r + gamma E_s' E_{a'_1..a'_N ~ mu(.|s')} [ max_i Q(s', a'_i) ],
+which stays on mu's support: N = 1 evaluates mu, N -> inf is Q-learning
+restricted to mu's support (Theorems 3.1-3.5, checked in tests/). The
+policy samples N actions from mu and takes the best under Q.
+  - mu is autoregressive over discretised action dimensions (Appendix B):
+    an MLP embeds s; per dimension i, an MLP of (embedding, a[:i]) gives the
+    logits of 40 bins; a_i is drawn uniformly within the chosen bin.
+  - Q is an ensemble of K = 8 networks with EMA targets; a target combines
+    the members as lambda min + (1 - lambda) max (lambda = 1).
+Hyper-parameters are Table 2's (MuJoCo).
+
+    python emaq_offline.py --dataset-id local/walker2d/qwr-replay-v0 --n-samples 10
+"""
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the evaluation environments"""
+    torch_deterministic: bool = True
+    """make torch's algorithms deterministic (same seed, same numbers)"""
+    cuda: bool = True
+    """use CUDA when it is available (the dataset and all updates live there)"""
+    dataset_id: str = "local/walker2d/qwr-replay-v0"
+    """Minari dataset id; make one with qwr_continuous.py --save-dataset (see README)"""
+
+    # EMaQ (Section 3, Table 2)
+    n_samples: int = 10
+    """N, actions drawn from mu for the backup and for acting (the paper sweeps 5 ... 400)"""
+    num_q: int = 8
+    """K, Q-networks in the ensemble"""
+    ensemble_lambda: float = 1.0
+    """a target combines the K members as lambda * min + (1 - lambda) * max"""
+    num_updates: int = 1_000_000
+    """Q-ensemble gradient steps"""
+    q_lr: float = 1e-4
+    """Adam learning rate of the Q-networks"""
+    ema: float = 0.995
+    """target networks: theta_target <- ema * theta_target + (1 - ema) * theta after each step"""
+    batch_size: int = 256
+    """transitions per gradient step (Q and mu)"""
+    gamma: float = 0.99
+    """discount factor"""
+
+    # Behaviour model mu (Appendix B)
+    mu_steps: int = 100_000
+    """maximum-likelihood steps of mu before Q-learning (the paper trains mu first; it gives no count)"""
+    mu_lr: float = 5e-4
+    """Adam learning rate of mu"""
+    n_bins: int = 40
+    """bins per action dimension"""
+
+    # Evaluation, logging, checkpoints
+    eval_every: int = 10_000
+    """evaluate the policy (best of N actions from mu) every this many Q updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    save_model: bool = False
+    """write a checkpoint (mu, Q-ensemble, targets, optimisers) at each evaluation"""
+    checkpoint_path: Optional[str] = None
+    """checkpoint to load: training resumes from it, or see --eval-only"""
+    eval_only: bool = False
+    """only evaluate the policy of --checkpoint-path, then exit"""
+
+
+class UsageError(ValueError):
+    """A mistake in the command line, reported as one line before training."""
+
+
+# ----------------------------------------------------------------------------
+# Networks: the autoregressive behaviour model and the Q-ensemble
+# ----------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """K independent linear layers applied at once: [K, B, in] -> [K, B, out]."""
+
+    def __init__(self, k: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_dim)  # nn.Linear's default initialisation, member by member
+        self.weight = nn.Parameter(torch.empty(k, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(k, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(k: int, in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    mods, dim = [], in_dim
+    for _ in range(layers):
+        mods += [EnsembleLinear(k, dim, hidden), nn.ReLU()]
+        dim = hidden
+    return nn.Sequential(*mods, EnsembleLinear(k, dim, out_dim))
+
+
+class QEnsemble(nn.Module):
+    """K Q-networks, MLPs of 3 layers of 750 ReLU units (Table 2)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, k: int, hidden: int = 750):
+        super().__init__()
+        self.k, self.net = k, ensemble_mlp(k, obs_dim + act_dim, hidden, 3, 1)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """obs [B, obs_dim], action [B, act_dim] -> Q [K, B]."""
+        x = torch.cat([obs, action], -1).expand(self.k, -1, -1)
+        return self.net(x).squeeze(-1)
+
+
+def combine(q: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ensemble(values) of Algorithm 1: lambda * min + (1 - lambda) * max over dim 0."""
+    return lam * q.min(0).values + (1 - lam) * q.max(0).values
+
+
+class AutoregressiveBehavior(nn.Module):
+    """mu(a|s) = prod_i p(l_i | s, a[:i]) * Uniform(a_i | bin l_i) (Appendix B, Eqs. 62-66).
+
+    The state embedding is an MLP of 2 layers of 750 ReLU units and a linear
+    750-d output. Dimension i has its own MLP (3 layers of 256 ReLU units)
+    of the embedding and the actions before i. The d MLPs run as one batched
+    ensemble: each sees all actions, with a[i:] masked to 0, which is the same
+    function as an MLP of a[:i] alone (the masked inputs' weights never matter).
+    """
+
+    def __init__(self, obs_dim: int, low: np.ndarray, high: np.ndarray, n_bins: int = 40,
+                 embed: int = 750, hidden: int = 256):
+        super().__init__()
+        self.act_dim, self.n_bins = len(low), n_bins
+        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32))
+        self.embed = nn.Sequential(nn.Linear(obs_dim, embed), nn.ReLU(), nn.Linear(embed, embed), nn.ReLU(),
+                                   nn.Linear(embed, embed))
+        self.heads = ensemble_mlp(self.act_dim, embed + self.act_dim, hidden, 3, n_bins)
+        # mask[i, j] = 1 if dimension j comes before dimension i
+        self.register_buffer("mask", torch.tril(torch.ones(self.act_dim, self.act_dim), -1))
+
+    def bins(self, action: torch.Tensor) -> torch.Tensor:
+        """The label of the bin of each action component (values on the edges go inside)."""
+        unit = (action - self.low) / (self.high - self.low)
+        return (unit * self.n_bins).long().clamp(0, self.n_bins - 1)
+
+    def logits(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits of every dimension: [B, d, n_bins]."""
+        h = self.embed(obs)  # [B, embed]
+        inputs = torch.cat([h.expand(self.act_dim, -1, -1), action * self.mask[:, None, :]], -1)  # [d, B, .]
+        return self.heads(inputs).transpose(0, 1)
+
+    def log_prob_bins(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """log prod_i p(l_i | s, a[:i]) of the bins the actions fall in: [B]."""
+        logp = torch.log_softmax(self.logits(obs, action), -1)
+        return logp.gather(-1, self.bins(action).unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor, n: int) -> torch.Tensor:
+        """n actions per state, [B, n, d], one dimension after the other (Eqs. 63-66)."""
+        h = self.embed(obs).repeat_interleave(n, 0)  # [B * n, embed]
+        action = torch.zeros(len(h), self.act_dim, device=h.device)
+        width = (self.high - self.low) / self.n_bins
+        for i in range(self.act_dim):
+            x = torch.cat([h, action * self.mask[i]], -1)
+            for layer in self.heads:  # the i-th member of each batched layer
+                x = torch.addmm(layer.bias[i], x, layer.weight[i]) if isinstance(layer, EnsembleLinear) else layer(x)
+            label = torch.distributions.Categorical(logits=x).sample()
+            action[:, i] = self.low[i] + (label + torch.rand_like(label, dtype=torch.float32)) * width[i]
+        return action.view(-1, n, self.act_dim)
+
+
+# ----------------------------------------------------------------------------
+# EMaQ's target and its policy
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def emaq_target(batch: dict, behavior, target_q, n: int, lam: float, gamma: float) -> torch.Tensor:
+    """y = r + gamma (1 - terminated) max_{i <= N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')."""
+    next_actions = behavior.sample(batch["next_obs"], n)  # [B, N, d]
+    B = len(next_actions)
+    next_obs = batch["next_obs"].repeat_interleave(n, 0)
+    q = combine(target_q(next_obs, next_actions.reshape(B * n, -1)), lam).view(B, n)
+    return batch["reward"] + gamma * (~batch["terminated"]) * q.max(-1).values
+
+
+@torch.no_grad()
+def act(obs: torch.Tensor, behavior, q_ensemble, n: int, lam: float) -> torch.Tensor:
+    """The EMaQ policy pi^N_mu: the best of n actions from mu under the ensemble."""
+    actions = behavior.sample(obs, n)  # [B, n, d]
+    B = len(actions)
+    q = combine(q_ensemble(obs.repeat_interleave(n, 0), actions.reshape(B * n, -1)), lam).view(B, n)
+    return actions[torch.arange(B), q.argmax(-1)]
+
+
+# ----------------------------------------------------------------------------
+# Data, evaluation, training
+# ----------------------------------------------------------------------------
+
+
+def load_transitions(dataset_id: str, device) -> tuple:
+    """A Minari dataset as flat transitions (s, a, r, s', terminated) on the device,
+    its env id and its reference (random, expert) returns, or a clear error."""
+    try:
+        import minari
+    except ImportError:
+        raise UsageError("emaq_offline.py reads Minari datasets: pip install 'minari[hdf5]'") from None
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError):
+        found = ", ".join(sorted(minari.list_local_datasets())) or "none"
+        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (found: {found}); make one with "
+                         f"python qwr_continuous.py --env-id Walker2d-v4 --save-dataset {dataset_id}") from None
+    parts = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminated")}
+    for ep in dataset.iterate_episodes():
+        parts["obs"].append(ep.observations[:-1])
+        parts["next_obs"].append(ep.observations[1:])  # the true final observation ends each episode
+        parts["action"].append(ep.actions)
+        parts["reward"].append(ep.rewards)
+        parts["terminated"].append(ep.terminations)  # a truncation is not terminal: it bootstraps
+    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
+    for k in ("obs", "action", "reward", "next_obs"):
+        data[k] = data[k].float()
+    meta = dataset.storage.metadata
+    refs = (meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None else None
+    returns = [float(ep.rewards.sum()) for ep in dataset.iterate_episodes()]
+    return data, dataset.env_spec.id, refs, float(np.mean(returns))
+
+
+def check_args(args: Args) -> None:
+    problems = [
+        (min(args.n_samples, args.num_q, args.batch_size, args.eval_every) < 1,
+         "--n-samples, --num-q, --batch-size and --eval-every must be >= 1"),
+        (min(args.num_updates, args.mu_steps, args.eval_episodes) < 0, "step and episode counts cannot be negative"),
+        (not 0 <= args.ensemble_lambda <= 1, "--ensemble-lambda must be in [0, 1]"),
+        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
+        (not 0 < args.gamma < 1, "--gamma must be in (0, 1)"),
+        (args.n_bins < 2, "--n-bins must be >= 2"),
+        (min(args.q_lr, args.mu_lr) <= 0, "learning rates must be > 0"),
+        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
+        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
+         f"checkpoint not found: {args.checkpoint_path}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+
+
+@torch.no_grad()
+def evaluate(env_id: str, args: Args, behavior, q_ensemble, obs_mean, obs_std, device, seed: int) -> np.ndarray:
+    """Returns of eval_episodes episodes of the EMaQ policy, run side by side."""
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
+        [lambda: gym.make(env_id)] * args.eval_episodes, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
+    obs, _ = envs.reset(seed=seed)
+    returns = np.full(args.eval_episodes, np.nan)
+    while np.isnan(returns).any():
+        o = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+        action = act(o, behavior, q_ensemble, args.n_samples, args.ensemble_lambda)
+        obs, _, _, _, info = envs.step(action.cpu().numpy())
+        if "episode" in info:
+            first = info["_episode"] & np.isnan(returns)
+            returns[first] = info["episode"]["r"][first]
+    envs.close()
+    return returns
+
+
+def train(args: Args) -> dict:
+    """Fits mu, then the Q-ensemble; returns the final metrics."""
+    check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    data, env_id, refs, dataset_return = load_transitions(args.dataset_id, device)
+    env = gym.make(env_id)
+    low, high = env.action_space.low, env.action_space.high
+    env.close()
+    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    n, obs_dim, act_dim = len(data["reward"]), data["obs"].shape[1], data["action"].shape[1]
+    # Observations are standardised with the dataset's statistics (fixed: the data is).
+    obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0).clamp(min=1e-3)
+    for k in ("obs", "next_obs"):
+        data[k] = (data[k] - obs_mean) / obs_std
+
+    behavior = AutoregressiveBehavior(obs_dim, low, high, args.n_bins).to(device)
+    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_q).to(device)
+    target_q = copy.deepcopy(q_ensemble).requires_grad_(False)
+    mu_opt = torch.optim.Adam(behavior.parameters(), lr=args.mu_lr)
+    q_opt = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    state = dict(behavior=behavior, q_ensemble=q_ensemble, target_q=target_q, mu_opt=mu_opt, q_opt=q_opt)
+    mu_done, q_done = 0, 0
+    if args.checkpoint_path:
+        ckpt = torch.load(args.checkpoint_path, map_location=device)
+        if ckpt["args"]["dataset_id"] != args.dataset_id:
+            raise UsageError(f"the checkpoint was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
+        for k, v in state.items():
+            v.load_state_dict(ckpt[k])
+        mu_done, q_done = ckpt["mu_done"], ckpt["q_done"]
+
+    def score(ret: float) -> str:
+        return f" (score {100 * (ret - refs[0]) / (refs[1] - refs[0]):.1f})" if refs else ""
+
+    if args.eval_only:
+        returns = evaluate(env_id, args, behavior, q_ensemble, obs_mean, obs_std, device, args.seed + 10_000)
+        print(f"eval return {returns.mean():.1f}{score(returns.mean())} +- {returns.std():.1f}")
+        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {n} transitions of {env_id}, dataset return "
+          f"{dataset_return:.1f}{score(dataset_return)}; logs in runs/{run_name} ({device})")
+    metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
+
+    start = time.time()
+    for step in range(mu_done, args.mu_steps):  # 1. maximum likelihood of mu (Appendix B)
+        i = torch.randint(0, n, (args.batch_size,), device=device)
+        loss = -behavior.log_prob_bins(data["obs"][i], data["action"][i]).mean()
+        mu_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mu_opt.step()
+        if (step + 1) % 1000 == 0 or step + 1 == args.mu_steps:
+            metrics["mu_nll"] = loss.item()
+            writer.add_scalar("losses/mu_nll", metrics["mu_nll"], step + 1)
+            if (step + 1) % 10_000 == 0 or step + 1 == args.mu_steps:
+                print(f"mu step {step + 1}/{args.mu_steps} | nll {metrics['mu_nll']:.3f} | "
+                      f"{(step + 1 - mu_done) / (time.time() - start):.0f} steps/s", flush=True)
+    mu_done = max(mu_done, args.mu_steps)
+
+    start, eval_seconds, sums = time.time(), 0.0, torch.zeros(2, device=device)
+    for step in range(q_done, args.num_updates):  # 2. the Q-ensemble with EMaQ targets (Algorithm 1)
+        i = torch.randint(0, n, (args.batch_size,), device=device)
+        batch = {k: v[i] for k, v in data.items()}
+        y = emaq_target(batch, behavior, target_q, args.n_samples, args.ensemble_lambda, args.gamma)
+        q = q_ensemble(batch["obs"], batch["action"])  # [K, B]
+        loss = (q - y).pow(2).mean(1).sum()  # each member regresses on the shared target
+        q_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        q_opt.step()
+        with torch.no_grad():
+            for p, tp in zip(q_ensemble.parameters(), target_q.parameters()):
+                tp.lerp_(p, 1 - args.ema)
+        sums += torch.stack([loss.detach(), q.detach().mean()])
+
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.num_updates:
+            count = (step + 1 - q_done) % args.eval_every or args.eval_every
+            loss_mean, q_mean = (sums / count).tolist()
+            if not math.isfinite(loss_mean):
+                raise FloatingPointError(f"non-finite Q loss at update {step + 1}")
+            sums.zero_()
+            ups = (step + 1 - q_done) / (time.time() - start - eval_seconds)  # training only
+            metrics.update(q_loss=loss_mean, q_mean=q_mean, updates_per_second=ups, updates=step + 1)
+            writer.add_scalar("losses/q_loss", loss_mean, step + 1)
+            writer.add_scalar("losses/q_mean", q_mean, step + 1)
+            writer.add_scalar("charts/updates_per_second", ups, step + 1)
+            line = f"update {step + 1}/{args.num_updates} | q loss {loss_mean:.4f} q {q_mean:.2f}"
+            if args.eval_episodes > 0:
+                eval_start = time.time()
+                returns = evaluate(env_id, args, behavior, q_ensemble, obs_mean, obs_std, device, args.seed + 10_000)
+                eval_seconds += time.time() - eval_start
+                metrics["eval_return"] = float(returns.mean())
+                writer.add_scalar("charts/eval_return", metrics["eval_return"], step + 1)
+                if refs:
+                    metrics["normalized_score"] = 100 * (metrics["eval_return"] - refs[0]) / (refs[1] - refs[0])
+                    writer.add_scalar("charts/normalized_score", metrics["normalized_score"], step + 1)
+                line += f" | eval return {metrics['eval_return']:.1f}{score(metrics['eval_return'])}"
+            if args.save_model:
+                path = f"runs/{run_name}/{args.exp_name}.pt"
+                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
+                    args=asdict(args), mu_done=mu_done, q_done=step + 1), path)
+                metrics["checkpoint"] = path
+            print(f"{line} | {ups:.1f} updates/s", flush=True)
+
+    writer.close()
+    print(f"done: eval return {metrics['eval_return']:.1f}{score(metrics['eval_return'])}, "
+          f"dataset return {dataset_return:.1f}{score(dataset_return)}")
+    return metrics | {"run_name": run_name}
+
+
+if __name__ == "__main__":
+    try:
+        train(tyro.cli(Args))
+    except UsageError as e:
+        sys.exit(f"error: {e}")
