@@ -1,0 +1,560 @@
+"""Q-Value Weighted Regression (QWR) on Atari, the 100K-interaction protocol.
+
+QWR (Kozakowski et al., ../shared/papers/qwr.md, Algorithm 2; Section 4 and
+Table 2) with the hyper-parameters of its MuJoCo runs (Table 4) and the
+convolutional networks of Mnih et al. (2013). With discrete actions:
+  - the sampling policy mu stored with each step is the categorical
+    distribution that acted (its probabilities over all actions);
+  - critic targets are T = 3-step TD(lambda) targets whose bootstrap F
+    (mean, max or log-sum-exp, Eq. 6) aggregates Q over k = 4 actions
+    sampled from the stored mu at the next state, as in the continuous case;
+  - the actor loss sums exactly over all actions instead of sampling
+    (Section 4.1): -sum_a mu(a|s) w(s, a) log pi(a|s), w = min(exp(A/beta), 20).
+Preprocessing is Appendix 6.1's: 4 frames per action with the max of the
+last 2, grey 84x84, 4 stacked frames, 0-30 no-ops, rewards clipped to
+[-1, 1] for training only, 2000 interactions per training episode and 10K
+per evaluation episode. Frames are stored once, not once per stack.
+
+    python qwr_atari.py --env-id BreakoutNoFrameskip-v4
+"""
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """make torch's algorithms deterministic (same seed, same numbers)"""
+    cuda: bool = True
+    """use CUDA when it is available (the replay buffer and all updates live there)"""
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """an Atari game: <Game>NoFrameskip-v4, or ALE/<Game>-v5 (made with frame skip 1, no sticky actions)"""
+    total_timesteps: int = 100_000
+    """agent interactions in total (Atari 100K; one interaction = 4 frames)"""
+    num_envs: int = 1
+    """parallel games that share the per-iteration interaction budget"""
+
+    # Algorithm 2 schedule (Table 4, as on MuJoCo)
+    steps_per_iteration: int = 1000
+    """interactions collected per iteration"""
+    critic_steps: int = 1000
+    """critic gradient steps per iteration"""
+    actor_steps: int = 1000
+    """actor gradient steps per iteration"""
+    target_update_every: int = 100
+    """critic steps between copies of the critic into the target"""
+    batch_size: int = 256
+    """states per gradient step"""
+    buffer_size: int = 50_000
+    """replay buffer capacity in interactions"""
+    critic_lr: float = 5e-4
+    """Adam learning rate of the critic"""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the actor"""
+
+    # Critic targets
+    backup: Literal["lse", "max", "mean"] = "lse"
+    """backup F over the k sampled actions: log-sum-exp (QWR-LSE), max or mean (QWR-AVG)"""
+    tau: float = 0.3
+    """log-sum-exp temperature (the 100K setting)"""
+    backup_scale: Literal["mad", "std", "none"] = "mad"
+    """scale s(X) of Eq. 6 over the batch: mean absolute deviation (100K), standard deviation, or 1"""
+    n_samples: int = 4
+    """k, actions sampled from the stored mu of each next state for the backup"""
+    n_steps: int = 3
+    """T, the horizon of the multi-step targets"""
+    td_lambda: float = 0.95
+    """lambda of the truncated TD(lambda) mix of the 1..T-step targets"""
+    gamma: float = 0.99
+    """discount factor"""
+    critic_head: Literal["mlp", "linear"] = "mlp"
+    """value head after the action gate: LayerNorm + 256 ReLU + linear (authors' code), or linear"""
+    scale_value_targets: bool = True
+    """critic outputs Q * (1 - gamma) (per-step units), as the authors' code does"""
+
+    # Actor and networks
+    beta: float = 1.0
+    """temperature of the advantage weights exp(A / beta)"""
+    max_weight: float = 20.0
+    """advantage weights are clipped at this value"""
+    torso: Literal["mnih2013", "nature"] = "mnih2013"
+    """convolutional torso: Mnih et al. 2013 (the paper's), or the larger Nature DQN one"""
+
+    # Atari protocol (Appendix 6.1, early appendix)
+    train_episode_steps: int = 2000
+    """interactions per training episode before it is truncated"""
+    eval_episode_steps: int = 10_000
+    """interactions per evaluation episode before it is truncated"""
+    noop_max: int = 30
+    """up to this many no-op actions at the start of each episode"""
+
+    # Evaluation, logging, checkpoints
+    eval_every: int = 10
+    """evaluate every this many iterations (and at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, with the policy's sampled actions and raw (unclipped) rewards"""
+    capture_video: bool = False
+    """record the first episode of each evaluation to videos/"""
+    save_model: bool = False
+    """write a checkpoint (networks, optimisers, replay buffer) at each evaluation"""
+    checkpoint_path: Optional[str] = None
+    """checkpoint to load: training resumes from it, or see --eval-only"""
+    eval_only: bool = False
+    """only evaluate the policy of --checkpoint-path, then exit"""
+
+
+class UsageError(ValueError):
+    """A mistake in the command line, reported as one line before training."""
+
+
+# ----------------------------------------------------------------------------
+# The math: backups, TD(lambda) targets, the exact discrete actor loss
+# ----------------------------------------------------------------------------
+
+
+def backup_values(q: torch.Tensor, kind: str, tau: float, scale: str) -> torch.Tensor:
+    """Backup F (Section 2.3, Eq. 6) over the k sampled Q-values in q[..., k].
+
+    "mean", "max", or "lse" = s tau (logsumexp(X / (s tau)) - log k) with ONE
+    scale s over every Q-value of the batch, as the authors' code does: mean
+    absolute deviation, standard deviation or 1. s = 0 gives the mean.
+    """
+    if kind == "mean":
+        return q.mean(-1)
+    if kind == "max":
+        return q.amax(-1)
+    if kind != "lse":
+        raise ValueError(f"unknown backup {kind!r}")
+    s = {"mad": lambda: (q - q.mean()).abs().mean(), "std": lambda: q.std(correction=0),
+         "none": lambda: torch.ones((), dtype=q.dtype, device=q.device)}[scale]()
+    temp = s * tau
+    safe_temp = torch.where(temp > 0, temp, torch.ones_like(temp))  # no NaN value or gradient at s = 0
+    mean = q.mean(-1, keepdim=True)
+    lse = safe_temp * (torch.logsumexp((q - mean) / safe_temp, -1) - math.log(q.shape[-1]))
+    return torch.where(temp > 0, mean.squeeze(-1) + lse, mean.squeeze(-1))
+
+
+def td_lambda_targets(rewards, bootstrap, terminated, last, gamma: float, lam: float) -> torch.Tensor:
+    """Truncated TD(lambda) target of the first step of T-step slices (Appendix 6.4).
+
+    Inputs [..., T] along a stored trajectory. Weights (1 - lam) lam^(n-1) on
+    the n-step targets, the remainder lam^(T-1) on the T-step one; a
+    termination stops bootstrapping, a truncation bootstraps from the final
+    observation, and a slice stops at an episode end or the newest step.
+    """
+    ret = None
+    for t in reversed(range(rewards.shape[-1])):
+        cont = bootstrap[..., t]
+        if ret is not None:
+            cont = torch.where(last[..., t], cont, (1 - lam) * cont + lam * ret)
+        ret = rewards[..., t] + gamma * torch.where(terminated[..., t], 0.0, cont)
+    return ret
+
+
+def exact_actor_loss(logits: torch.Tensor, mu: torch.Tensor, q: torch.Tensor, beta: float,
+                     max_weight: float) -> torch.Tensor:
+    """Eq. 3 summed over all actions: -mean_s sum_a mu(a|s) w(s, a) log pi(a|s).
+
+    A(s, a) = Q(s, a) - sum_a' mu(a'|s) Q(s, a') (V_mu exactly), normalised over
+    every (state, action) of the batch, w = min(exp(A / beta), max_weight).
+    """
+    adv = q - (mu * q).sum(-1, keepdim=True)
+    adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)
+    weights = torch.exp(torch.clamp(adv / beta, max=math.log(max_weight)))
+    return -(mu * weights * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------
+# Environment, replay buffer of single frames, networks
+# ----------------------------------------------------------------------------
+
+
+def make_env(env_id: str, max_steps: int, noop_max: int, video_folder: Optional[str] = None):
+    def thunk():
+        import ale_py
+
+        gym.register_envs(ale_py)
+        # ALE/<Game>-v5 skips frames and repeats actions by default; the protocol wants neither.
+        kwargs = dict(frameskip=1, repeat_action_probability=0.0) if env_id.startswith("ALE/") else {}
+        env = gym.make(env_id, render_mode="rgb_array" if video_folder else None, **kwargs)
+        if video_folder:
+            env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0,
+                                           disable_logger=True)
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84,
+                                              terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
+        env = gym.wrappers.TimeLimit(env, max_steps)  # counted in interactions (4 frames each)
+        return gym.wrappers.FrameStackObservation(env, 4)  # padded with the reset frame
+
+    return thunk
+
+
+def make_vec_env(env_id: str, n: int, max_steps: int, noop_max: int, video_folder: Optional[str] = None):
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(env_id, max_steps, noop_max, video_folder if i == 0 else None) for i in range(n)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)  # raw returns: clipping happens in the buffer
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError for a bad command line, before anything is built."""
+    import ale_py
+
+    gym.register_envs(ale_py)
+    try:
+        env = gym.make(args.env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"cannot make env {args.env_id!r}: {e}") from None
+    act, is_atari = env.action_space, hasattr(env.unwrapped, "ale")
+    env.close()
+    if not isinstance(act, gym.spaces.Discrete):
+        raise UsageError(f"qwr_atari.py needs a discrete action space, but {args.env_id} has {act} "
+                         f"(for MuJoCo, use qwr_continuous.py)")
+    if not is_atari:
+        raise UsageError(f"qwr_atari.py needs an Atari (ALE) game, and {args.env_id} is not one")
+    problems = [
+        (args.total_timesteps % args.steps_per_iteration != 0,
+         "--total-timesteps must be a multiple of --steps-per-iteration"),
+        (args.steps_per_iteration % args.num_envs != 0, "--steps-per-iteration must be a multiple of --num-envs"),
+        (args.buffer_size < args.steps_per_iteration, "--buffer-size must hold at least one iteration"),
+        (min(args.n_samples, args.n_steps, args.batch_size, args.num_envs) < 1,
+         "--n-samples, --n-steps, --batch-size and --num-envs must be >= 1"),
+        (not 0 <= args.td_lambda <= 1, "--td-lambda must be in [0, 1]"),
+        (not 0 < args.gamma < 1, "--gamma must be in (0, 1)"),
+        (args.backup == "lse" and args.tau <= 0, "--tau must be > 0 for the lse backup"),
+        (min(args.beta, args.max_weight, args.actor_lr, args.critic_lr) <= 0,
+         "--beta, --max-weight and the learning rates must be > 0"),
+        (min(args.train_episode_steps, args.eval_episode_steps, args.eval_every, args.target_update_every) < 1,
+         "episode caps, --eval-every and --target-update-every must be >= 1"),
+        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
+        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
+         f"checkpoint not found: {args.checkpoint_path}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+
+
+class FrameReplayBuffer:
+    """Transitions [capacity, num_envs] that point into each env's stream of
+    single 84x84 uint8 frames: every interaction appends the newest frame of
+    its next observation, an episode's start its reset frame. The stacked
+    observation at a step is its frame and the 3 before it, clamped to the
+    episode's first frame (FrameStackObservation's reset padding); the next
+    observation is one frame further, the true final one at an episode end.
+    A stack is then 4 frames read, never stored: a 50K buffer holds at most
+    2 x 50K frames (700 MB) instead of 2 x 4 x 50K.
+
+    Each step also stores the categorical sampling policy mu that acted (its
+    probabilities) at s, and at s' for the backup.
+    """
+
+    def __init__(self, capacity: int, num_envs: int, n_actions: int, device):
+        self.capacity, self.num_envs, self.device = capacity, num_envs, device
+        # Each step adds one frame, each episode one more: 2 x capacity (+ a stack) keeps every live stack.
+        self.frame_capacity = 2 * capacity + 8
+        self.frames = torch.zeros((self.frame_capacity, num_envs, 84, 84), dtype=torch.uint8, device=device)
+        self.frame_count = np.zeros(num_envs, dtype=np.int64)  # frames ever written, per env
+        self.episode_first = np.zeros(num_envs, dtype=np.int64)  # absolute index of the episode's first frame
+        shapes = dict(frame=((), torch.long), first=((), torch.long), action=((), torch.long),
+                      mu=((n_actions,), torch.float32), next_mu=((n_actions,), torch.float32),
+                      reward=((), torch.float32), terminated=((), torch.bool), episode_end=((), torch.bool))
+        self.data = {k: torch.zeros((capacity, num_envs) + s, dtype=d, device=device) for k, (s, d) in shapes.items()}
+        self.ptr, self.size = 0, 0
+
+    def push_frames(self, frames: np.ndarray, envs: np.ndarray, new_episode: bool) -> None:
+        """Append one frame [len(envs), 84, 84] to each of the given envs' streams."""
+        idx = self.frame_count[envs]
+        self.frames[torch.as_tensor(idx % self.frame_capacity), torch.as_tensor(envs)] = torch.as_tensor(
+            frames, device=self.device)
+        if new_episode:
+            self.episode_first[envs] = idx
+        self.frame_count[envs] += 1
+
+    def current_frame(self) -> np.ndarray:
+        """Absolute index of each env's newest frame (that of its current observation)."""
+        return self.frame_count - 1
+
+    def add(self, step: dict) -> None:
+        """One vector step: frame/first of s, action, mu, next_mu, reward, terminated, episode_end."""
+        for k, v in step.items():
+            self.data[k][self.ptr] = torch.as_tensor(v, device=self.device)
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def stacks(self, frame: torch.Tensor, first: torch.Tensor, env: torch.Tensor, offset: int) -> torch.Tensor:
+        """The 4-frame stacks ending at frame + offset (0: s, 1: s'): [..., 4, 84, 84] uint8."""
+        idx = frame[..., None] + offset + torch.arange(-3, 1, device=self.device)
+        idx = torch.maximum(idx, first[..., None]) % self.frame_capacity
+        return self.frames[idx, env[..., None].expand_as(idx)]
+
+    def sample(self, batch_size: int, n_steps: int) -> dict:
+        """Slices of n_steps consecutive steps [B, T, ...]; "last" marks where a
+        slice must stop (an episode end, or the newest stored step)."""
+        row = torch.randint(0, self.size, (batch_size,), device=self.device)
+        env = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
+        rows = (row[:, None] + torch.arange(n_steps, device=self.device)) % self.capacity
+        envs = env[:, None].expand_as(rows)
+        out = {k: v[rows, envs] for k, v in self.data.items()}
+        out["last"] = out["episode_end"] | (rows == (self.ptr - 1) % self.capacity)
+        out["obs"] = self.stacks(out["frame"][:, 0], out["first"][:, 0], env, 0)
+        out["next_obs"] = self.stacks(out["frame"], out["first"], envs, 1)
+        return out
+
+
+def torso(kind: str) -> tuple[nn.Sequential, int]:
+    """Mnih et al. (2013): 16 8x8/4, 32 4x4/2, 256 units; or the Nature DQN torso."""
+    if kind == "mnih2013":
+        layers = [nn.Conv2d(4, 16, 8, 4), nn.ReLU(), nn.Conv2d(16, 32, 4, 2), nn.ReLU(), nn.Flatten(),
+                  nn.Linear(32 * 9 * 9, 256), nn.ReLU()]
+        return nn.Sequential(*layers), 256
+    layers = [nn.Conv2d(4, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(), nn.Conv2d(64, 64, 3, 1),
+              nn.ReLU(), nn.Flatten(), nn.Linear(64 * 7 * 7, 512), nn.ReLU()]
+    return nn.Sequential(*layers), 512
+
+
+class QNetwork(nn.Module):
+    """Q(s, .) for every action with the paper's action embedding (Section 4):
+    o * tanh(W a + b) with a one-hot, i.e. one learned gate vector per action,
+    then the value head (see qwr_continuous.py's critic)."""
+
+    def __init__(self, n_actions: int, kind: str, out_scale: float, head: str = "mlp"):
+        super().__init__()
+        self.torso, hidden = torso(kind)
+        self.embed = nn.Linear(n_actions, hidden)
+        if head == "mlp":
+            self.torso.append(nn.Linear(hidden, hidden))
+            self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 256), nn.ReLU(), nn.Linear(256, 1))
+        else:
+            self.head = nn.Linear(hidden, 1)
+        self.out_scale = out_scale
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [..., 4, 84, 84] uint8 -> Q [..., n_actions]."""
+        o = self.torso(frames.reshape((-1,) + frames.shape[-3:]).float() / 255.0)
+        gates = torch.tanh(self.embed.weight.T + self.embed.bias)  # [n_actions, hidden]: W e_a + b
+        q = self.head(o[:, None, :] * gates).squeeze(-1) * self.out_scale
+        return q.reshape(frames.shape[:-3] + (-1,))
+
+
+class Actor(nn.Module):
+    """Logits of the categorical policy."""
+
+    def __init__(self, n_actions: int, kind: str):
+        super().__init__()
+        self.torso, hidden = torso(kind)
+        self.head = nn.Linear(hidden, n_actions)
+        nn.init.uniform_(self.head.weight, -0.01, 0.01)  # a near-uniform first policy
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.head(self.torso(frames.reshape((-1,) + frames.shape[-3:]).float() / 255.0)).reshape(
+            frames.shape[:-3] + (-1,))
+
+
+# ----------------------------------------------------------------------------
+# Data collection, evaluation, training
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect(envs, obs: np.ndarray, n_steps: int, actor, buffer: FrameReplayBuffer, device) -> tuple:
+    """Act for n_steps vector steps, writing frames and transitions into the buffer."""
+    episodes = []
+    all_envs = np.arange(envs.num_envs)
+    for _ in range(n_steps):
+        probs = torch.softmax(actor(torch.as_tensor(obs, device=device)), -1)
+        action = torch.multinomial(probs, 1).squeeze(-1)
+        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        ended = terminated | truncated
+        true_next = next_obs.copy()
+        for i in np.flatnonzero(ended):
+            true_next[i] = info["final_obs"][i]
+            episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+        frame, first = buffer.current_frame(), buffer.episode_first.copy()
+        buffer.push_frames(true_next[:, -1], all_envs, new_episode=False)
+        next_mu = torch.softmax(actor(torch.as_tensor(true_next, device=device)), -1)
+        buffer.add(dict(frame=frame, first=first, action=action, mu=probs, next_mu=next_mu,
+                        reward=np.clip(reward, -1.0, 1.0), terminated=terminated, episode_end=ended))
+        if ended.any():  # the new episodes start their own frame streams from their reset frames
+            buffer.push_frames(next_obs[ended][:, -1], np.flatnonzero(ended), new_episode=True)
+        obs = next_obs
+    return obs, episodes
+
+
+@torch.no_grad()
+def evaluate(args: Args, actor, device, seed: int, video_folder: Optional[str] = None) -> np.ndarray:
+    """Raw returns of eval_episodes episodes, acting with the policy's samples."""
+    envs = make_vec_env(args.env_id, args.eval_episodes, args.eval_episode_steps, args.noop_max, video_folder)
+    obs, _ = envs.reset(seed=seed)
+    returns = np.full(args.eval_episodes, np.nan)
+    while np.isnan(returns).any():
+        probs = torch.softmax(actor(torch.as_tensor(obs, device=device)), -1)
+        obs, _, _, _, info = envs.step(torch.multinomial(probs, 1).squeeze(-1).cpu().numpy())
+        if "episode" in info:
+            first = info["_episode"] & np.isnan(returns)
+            returns[first] = info["episode"]["r"][first]
+    envs.close()
+    return returns
+
+
+def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_opt) -> dict:
+    """Algorithm 2 lines 6-15 with k actions from the stored categorical mu at s'."""
+    sums = torch.zeros(2, device=buffer.device)
+    for i in range(args.critic_steps):
+        if i % args.target_update_every == 0:
+            target.load_state_dict(critic.state_dict())
+        b = buffer.sample(args.batch_size, args.n_steps)
+        with torch.no_grad():
+            next_q = target(b["next_obs"])  # [B, T, A]
+            B, T, A = next_q.shape
+            # (+1e-12: slices past the newest step read unwritten zero rows, whose targets "last" discards)
+            sampled = torch.multinomial(b["next_mu"].reshape(B * T, A) + 1e-12, args.n_samples, replacement=True)
+            bootstrap = backup_values(next_q.reshape(B * T, A).gather(-1, sampled).view(B, T, -1),
+                                      args.backup, args.tau, args.backup_scale)
+            y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
+        q = critic(b["obs"]).gather(-1, b["action"][:, :1]).squeeze(-1)
+        loss = ((q - y) / critic.out_scale).pow(2).mean()
+        critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        critic_opt.step()
+        sums += torch.stack([loss.detach(), q.detach().mean()])
+    loss, q_mean = (sums / max(1, args.critic_steps)).tolist()
+    return {"critic_loss": loss, "q_mean": q_mean}
+
+
+def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt) -> dict:
+    """Algorithm 2 lines 16-22, summed exactly over the actions (Section 4.1)."""
+    sums = torch.zeros(1, device=buffer.device)
+    for _ in range(args.actor_steps):
+        b = buffer.sample(args.batch_size, 1)
+        with torch.no_grad():
+            q = critic(b["obs"])
+        loss = exact_actor_loss(actor(b["obs"]), b["mu"][:, 0], q, args.beta, args.max_weight)
+        actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        actor_opt.step()
+        sums += loss.detach()
+    return {"actor_loss": (sums / max(1, args.actor_steps)).item()}
+
+
+def train(args: Args) -> dict:
+    """Runs QWR on an Atari game and returns the final metrics."""
+    check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    envs = make_vec_env(args.env_id, args.num_envs, args.train_episode_steps, args.noop_max)
+    n_actions = envs.single_action_space.n
+    actor = Actor(n_actions, args.torso).to(device)
+    critic = QNetwork(n_actions, args.torso, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
+                      args.critic_head).to(device)
+    target = copy.deepcopy(critic).requires_grad_(False)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+    buffer = FrameReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, n_actions, device)
+    state = dict(actor=actor, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
+
+    start_iteration = 0
+    if args.checkpoint_path:
+        ckpt = torch.load(args.checkpoint_path, map_location=device, weights_only=False)
+        if ckpt["args"]["env_id"] != args.env_id:
+            raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+        for k in ("actor",) if args.eval_only else state:
+            state[k].load_state_dict(ckpt[k])
+        if not args.eval_only:
+            if ckpt["buffer"]["data"]["frame"].shape != buffer.data["frame"].shape:
+                raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
+            buffer.data = ckpt["buffer"]["data"]
+            for k, v in ckpt["buffer_state"].items():
+                setattr(buffer, k, v)
+            # The games restart, so the stored episode in progress ends here.
+            buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
+            start_iteration = ckpt["iteration"]
+    if args.eval_only:
+        returns = evaluate(args, actor, device, args.seed + 10_000,
+                           f"videos/{run_name}" if args.capture_video else None)
+        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
+        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    n_iterations = args.total_timesteps // args.steps_per_iteration
+    print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
+    obs, _ = envs.reset(seed=args.seed)
+    buffer.push_frames(obs[:, -1], np.arange(args.num_envs), new_episode=True)
+    start_time, start_step = time.time(), start_iteration * args.steps_per_iteration
+    metrics: dict = {"eval_return": float("nan")}
+    for iteration in range(start_iteration, n_iterations):
+        iteration_start = time.time()
+        obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, buffer, device)
+        global_step = (iteration + 1) * args.steps_per_iteration
+        for ret, length in episodes:
+            writer.add_scalar("charts/episodic_return", ret, global_step)
+            writer.add_scalar("charts/episodic_length", length, global_step)
+        metrics.update(train_critic(args, buffer, critic, target, critic_opt))
+        metrics.update(train_actor(args, buffer, actor, critic, actor_opt))
+        if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
+            raise FloatingPointError(f"non-finite losses at iteration {iteration + 1}: {metrics}")
+
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        metrics.update(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
+        if episodes:
+            metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
+        for k in ("critic_loss", "actor_loss", "q_mean"):
+            writer.add_scalar(f"losses/{k}", metrics[k], global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        line = f"iter {iteration + 1}/{n_iterations} step {global_step}"
+        if episodes:
+            line += f" | train return {metrics['episodic_return']:.1f}"
+        if ((iteration + 1) % args.eval_every == 0 or iteration + 1 == n_iterations) and args.eval_episodes > 0:
+            video = f"videos/{run_name}/step{global_step}" if args.capture_video else None
+            metrics["eval_return"] = float(evaluate(args, actor, device, args.seed + 10_000, video).mean())
+            writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
+            line += f" | eval return {metrics['eval_return']:.1f}"
+            if args.save_model:
+                path = f"runs/{run_name}/{args.exp_name}.pt"
+                buffer_state = {k: getattr(buffer, k) for k in ("frames", "frame_count", "episode_first", "ptr",
+                                                                "size")}
+                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
+                    args=asdict(args), iteration=iteration + 1, buffer={"data": buffer.data},
+                    buffer_state=buffer_state), path)
+                metrics["checkpoint"] = path
+        print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f}"
+              f" | {sps} SPS, {metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+
+    envs.close()
+    writer.close()
+    print(f"done: eval return {metrics['eval_return']:.1f} at step {metrics.get('global_step', start_step)}, "
+          f"{(time.time() - start_time) / 60:.1f} min")
+    return metrics | {"run_name": run_name}
+
+
+if __name__ == "__main__":
+    try:
+        train(tyro.cli(Args))
+    except UsageError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,169 @@
+"""qwr_atari.py: preprocessing, the single-frame replay buffer against the
+stacked observations it replaces, the exact discrete actor loss, the sampled
+backups against their exact expectations, a smoke run and its errors."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import qwr_atari as qa
+
+
+def test_preprocessing_gives_four_stacked_84x84_grey_uint8_frames():
+    env = qa.make_env("PongNoFrameskip-v4", max_steps=5, noop_max=30)()
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
+    assert all(np.array_equal(obs[0], f) for f in obs)  # padded with the reset frame
+    steps = 0
+    while True:
+        obs, reward, terminated, truncated, _ = env.step(0)
+        steps += 1
+        if terminated or truncated:
+            break
+    assert truncated and steps == 5  # the cap counts interactions, not frames
+    env.close()
+
+
+class FakeGames:
+    """Two vector games in SAME_STEP autoreset mode whose frames are constant
+    images numbered in order, ending (terminated or truncated) where told."""
+
+    num_envs = 2
+    single_action_space = gym.spaces.Discrete(3)
+
+    def __init__(self, ends: dict):
+        self.ends, self.t = ends, 0
+        self.streams = [[] for _ in range(2)]
+        self.first = [0, 0]
+        self.counter = 0
+
+    def _push(self, e, new_episode=False):
+        self.counter += 1
+        self.streams[e].append(self.counter)
+        if new_episode:
+            self.first[e] = len(self.streams[e]) - 1
+
+    def _obs(self, e):
+        last = len(self.streams[e]) - 1
+        ids = [self.streams[e][max(i, self.first[e])] for i in range(last - 3, last + 1)]
+        return np.stack([np.full((84, 84), v, dtype=np.uint8) for v in ids])
+
+    def reset(self, seed=None):
+        for e in range(2):
+            self._push(e, new_episode=True)
+        return np.stack([self._obs(e) for e in range(2)]), {}
+
+    def step(self, actions):
+        self.t += 1
+        term, trunc = np.zeros(2, bool), np.zeros(2, bool)
+        final = [None, None]
+        for e in range(2):
+            self._push(e)
+            kind = self.ends.get((self.t, e))
+            if kind:
+                term[e], trunc[e] = kind == "terminated", kind == "truncated"
+                final[e] = self._obs(e)
+                self._push(e, new_episode=True)
+        info = {}
+        if (term | trunc).any():
+            info = {"final_obs": final, "episode": {"r": np.zeros(2), "l": np.ones(2, int)}}
+        self.last_true_next = [final[e] if final[e] is not None else self._obs(e) for e in range(2)]
+        return np.stack([self._obs(e) for e in range(2)]), np.full(2, 5.0), term, trunc, info
+
+
+def test_frame_buffer_rebuilds_every_stacked_observation_and_true_next_observation():
+    games = FakeGames({(2, 0): "terminated", (5, 0): "truncated", (3, 1): "truncated", (4, 0): "terminated"})
+    actor = qa.Actor(3, "mnih2013")
+    buffer = qa.FrameReplayBuffer(capacity=20, num_envs=2, n_actions=3, device="cpu")
+    obs, _ = games.reset()
+    buffer.push_frames(obs[:, -1], np.arange(2), new_episode=True)
+    seen, true_next = [], []
+    for _ in range(9):  # one step at a time, to keep what the agent saw
+        seen.append(obs)
+        obs, _ = qa.collect(games, obs, 1, actor, buffer, "cpu")
+        true_next.append(np.stack(games.last_true_next))
+    d = buffer.data
+    for row in range(9):
+        for e in range(2):
+            env = torch.tensor(e)
+            s = buffer.stacks(d["frame"][row, e], d["first"][row, e], env, 0)
+            s_next = buffer.stacks(d["frame"][row, e], d["first"][row, e], env, 1)
+            assert np.array_equal(s.numpy(), seen[row][e]), (row, e)
+            assert np.array_equal(s_next.numpy(), true_next[row][e]), (row, e)
+    assert d["terminated"][:, 0].nonzero().flatten().tolist() == [1, 3]
+    assert d["episode_end"][:, 1].nonzero().flatten().tolist() == [2]
+    assert torch.all(d["reward"][:9] == 1.0)  # rewards of 5 stored clipped to 1
+
+
+def test_exact_actor_loss_by_hand():
+    mu = torch.tensor([[0.5, 0.3, 0.2]])
+    q = torch.tensor([[1.0, 2.0, 4.0]])
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
+    # V_mu = 0.5 + 0.6 + 0.8 = 1.9, A = (-0.9, 0.1, 2.1), normalised over the three.
+    adv = [-0.9, 0.1, 2.1]
+    m = sum(adv) / 3
+    sd = math.sqrt(sum((a - m) ** 2 for a in adv) / 3)
+    w = [math.exp((a - m) / (sd + 1e-5)) for a in adv]
+    want = -(0.5 * w[0] * math.log(0.2) + 0.3 * w[1] * math.log(0.3) + 0.2 * w[2] * math.log(0.5))
+    assert qa.exact_actor_loss(logits, mu, q, 1.0, 20.0).item() == pytest.approx(want, rel=1e-5)
+    # beta -> 0: the best action's weight is clipped at 20, the others vanish.
+    clipped = -(0.2 * 20.0 * math.log(0.5))
+    assert qa.exact_actor_loss(logits, mu, q, 1e-4, 20.0).item() == pytest.approx(clipped, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mean", "max"])
+def test_sampled_backups_estimate_their_exact_expectations(kind):
+    torch.manual_seed(0)
+    mu = torch.tensor([0.1, 0.6, 0.3])
+    q = torch.tensor([5.0, 1.0, 2.0])
+    k, draws = 4, 200_000
+    sampled = torch.multinomial(mu.expand(draws, 3), k, replacement=True)  # as train_critic samples
+    estimate = qa.backup_values(q[sampled], kind, 0.3, "mad").mean().item()
+    if kind == "mean":
+        exact = (mu * q).sum().item()  # E over k draws of their mean
+    else:  # the best of k draws, from order statistics: sorted by Q, P(max <= q_i) = F_i^k
+        order = torch.argsort(q)
+        cdf = torch.cumsum(mu[order], 0)
+        p = cdf**k - torch.cat([torch.zeros(1), cdf[:-1]]) ** k
+        exact = (p * q[order]).sum().item()
+    assert estimate == pytest.approx(exact, abs=0.01)
+
+
+def test_lse_backup_lies_between_mean_and_max_and_is_safe_at_zero_scale():
+    q = torch.tensor([[0.0, 1.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0]])
+    lse = qa.backup_values(q, "lse", 0.3, "mad")
+    assert torch.all(lse >= q.mean(-1) - 1e-6) and torch.all(lse <= q.amax(-1) + 1e-6)
+    same = torch.full((2, 4), 2.0, requires_grad=True)
+    out = qa.backup_values(same, "lse", 0.3, "mad")
+    out.sum().backward()
+    assert torch.equal(out, torch.full((2,), 2.0)) and torch.isfinite(same.grad).all()
+
+
+def tiny(**overrides) -> qa.Args:
+    base = dict(env_id="PongNoFrameskip-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=3,
+                actor_steps=3, batch_size=8, buffer_size=500, eval_every=2, eval_episodes=1,
+                eval_episode_steps=50, train_episode_steps=40, cuda=False)
+    return qa.Args(**(base | overrides))
+
+
+def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = qa.train(tiny(save_model=True))
+    assert m["global_step"] == 200 and all(math.isfinite(m[k]) for k in ("critic_loss", "actor_loss", "eval_return"))
+    resumed = qa.train(tiny(total_timesteps=300, checkpoint_path=m["checkpoint"]))
+    assert resumed["global_step"] == 300 and math.isfinite(resumed["critic_loss"])
+    ev = qa.train(tiny(checkpoint_path=m["checkpoint"], eval_only=True, eval_episodes=2))
+    assert len(ev["eval_returns"]) == 2
+
+
+@pytest.mark.parametrize("env_id, message", [
+    ("Hopper-v4", "needs a discrete action space"),
+    ("CartPole-v1", "needs an Atari (ALE) game"),
+    ("NoSuchGame-v0", "cannot make env"),
+])
+def test_wrong_env_is_a_usage_error(env_id, message):
+    with pytest.raises(qa.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        qa.train(tiny(env_id=env_id))
