@@ -28,6 +28,8 @@ GRID_TITLES = {
     "qwr-table1": "QWR paper Table 1: MuJoCo, 100K environment steps",
     "qwr-table2": "QWR paper Table 2: Atari, 100K interactions",
     "qwr-table3": "QWR paper Table 3: MuJoCo, 1M environment steps",
+    "iq": "IQ paper ablation (Fig. 2: M-IQ, IQ, Gaussian policy) at 100K environment steps",
+    "emaq": "EMaQ on datasets made by qwr_continuous.py",
 }
 
 
@@ -36,6 +38,13 @@ def method_of(hp: dict) -> str:
     script = hp.get("exp_name", "?")
     if script.startswith("qwr"):
         return "QWR-" + {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
+    if script == "iq_continuous":
+        munchausen = float(hp.get("alpha", 0)) > 0
+        if hp.get("residual") == "True":
+            return "Trust-PCL" if munchausen else "PCL"
+        return ("M-IQ" if munchausen else "IQ") + ("-gaussian" if hp.get("policy") == "gaussian" else "")
+    if script == "emaq_offline":
+        return f"EMaQ N={hp.get('n_samples', '?')}"
     return {"awr_continuous": "AWR"}.get(script, script)
 
 
@@ -43,6 +52,8 @@ def grid_of(hp: dict) -> str:
     steps, script = int(hp.get("total_timesteps", 0)), hp.get("exp_name", "")
     if script == "qwr_atari":
         return "qwr-table2"
+    if script in ("iq_continuous", "emaq_offline"):
+        return {"iq_continuous": "iq", "emaq_offline": "emaq"}[script]
     if script in ("qwr_continuous", "awr_continuous"):
         return {100_000: "qwr-table1", 1_000_000: "qwr-table3"}.get(steps, f"{steps} steps")
     return script
@@ -60,13 +71,15 @@ def read_run(path: Path) -> dict | None:
     text = ea.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
     hp = dict(re.findall(r"^\|([^|]+)\|([^|]*)\|$", text, re.M))
     curve = [(e.step, e.value) for e in ea.Scalars("charts/eval_return")]
+    # The x-axis is environment steps; offline (EMaQ) it is Q updates.
+    total = int(hp.get("total_timesteps") or hp.get("num_updates") or 0)
     scalars = [e for tag in tags["scalars"] for e in ea.Scalars(tag)]
     sps = ea.Scalars("charts/SPS")[-1].value if "charts/SPS" in tags["scalars"] else float("nan")
     return dict(
-        grid=grid_of(hp), method=method_of(hp), env=hp.get("env_id", "?"), seed=int(hp.get("seed", 0)),
-        total=int(hp.get("total_timesteps", 0)), curve=curve, sps=sps, path=path,
+        grid=grid_of(hp), method=method_of(hp), env=hp.get("env_id") or hp.get("dataset_id", "?"),
+        seed=int(hp.get("seed", 0)), total=total, curve=curve, sps=sps, path=path,
         wall_minutes=(max(e.wall_time for e in scalars) - min(e.wall_time for e in scalars)) / 60,
-        finished=curve[-1][0] >= int(hp.get("total_timesteps", 0)),
+        finished=curve[-1][0] >= total,
     )
 
 

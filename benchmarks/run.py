@@ -32,6 +32,7 @@ MUJOCO = ["HalfCheetah-v4", "Walker2d-v4", "Hopper-v4", "Humanoid-v4"]
 ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v4",
          "GopherNoFrameskip-v4", "PongNoFrameskip-v4", "SeaquestNoFrameskip-v4"]
 QWR_1M = ["--total-timesteps", "1000000", "--tau", "1.0", "--backup-scale", "std"]  # Appendix 6.1
+IQ_100K = ["--total-timesteps", "100000"]
 
 # grid -> (method, script, extra flags, envs). The paper's tables report 5 seeds.
 GRIDS = {
@@ -50,13 +51,14 @@ GRIDS = {
         ("QWR-LSE", "qwr_continuous.py", QWR_1M, MUJOCO),
         ("AWR", "awr_continuous.py", ["--total-timesteps", "1000000"], MUJOCO),
     ],
-    "emaq": [  # EMaQ on locally made Minari datasets
-        ("EMaQ", "emaq_offline.py", [], ["local/walker2d/qwr-replay-v0", "local/hopper/qwr-replay-v0"]),
+    "emaq": [  # EMaQ (N = 10 and 50) on Minari datasets made by qwr_continuous.py --save-dataset
+        ("EMaQ N=10", "emaq_offline.py", ["--n-samples", "10"], ["local/hopper/qwr-replay-v0"]),
+        ("EMaQ N=50", "emaq_offline.py", ["--n-samples", "50"], ["local/hopper/qwr-replay-v0"]),
     ],
-    "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation
-        ("M-IQ", "iq_continuous.py", [], ["HalfCheetah-v4", "Walker2d-v4"]),
-        ("IQ", "iq_continuous.py", ["--alpha", "0"], ["HalfCheetah-v4", "Walker2d-v4"]),
-        ("M-IQ-gaussian", "iq_continuous.py", ["--policy", "gaussian"], ["HalfCheetah-v4", "Walker2d-v4"]),
+    "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation (Fig. 2), at a 100K-step budget
+        ("M-IQ", "iq_continuous.py", IQ_100K, ["HalfCheetah-v4", "Walker2d-v4"]),
+        ("IQ", "iq_continuous.py", [*IQ_100K, "--alpha", "0"], ["HalfCheetah-v4", "Walker2d-v4"]),
+        ("M-IQ-gaussian", "iq_continuous.py", [*IQ_100K, "--policy", "gaussian"], ["HalfCheetah-v4", "Walker2d-v4"]),
     ],
 }
 

@@ -33,6 +33,10 @@ def test_report_names_runs_from_their_hyper_parameters():
     assert report.method_of({"exp_name": "awr_continuous"}) == "AWR"
     assert report.grid_of({"exp_name": "qwr_continuous", "total_timesteps": "1000000"}) == "qwr-table3"
     assert report.grid_of({"exp_name": "awr_continuous", "total_timesteps": "100000"}) == "qwr-table1"
+    assert report.method_of({"exp_name": "iq_continuous", "alpha": "0.9", "policy": "gaussian"}) == "M-IQ-gaussian"
+    assert report.method_of({"exp_name": "iq_continuous", "alpha": "0.0", "residual": "True"}) == "PCL"
+    assert report.method_of({"exp_name": "emaq_offline", "n_samples": "50"}) == "EMaQ N=50"
+    assert report.grid_of({"exp_name": "qwr_atari", "total_timesteps": "100000"}) == "qwr-table2"
 
 
 def test_report_reads_final_returns_and_keeps_the_furthest_run_per_seed(tmp_path):
