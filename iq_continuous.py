@@ -402,8 +402,9 @@ def train(args: Args) -> dict:
                     args=asdict(args), global_step=global_step, buffer=buffer.data,
                     buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
                 metrics["checkpoint"] = path
-            print(f"{line} | loss {metrics['loss']:.4f} | {sps} SPS "
-                  f"({(time.time() - window_start) / 60:.1f} min since the last line)", flush=True)
+            learning = f"loss {metrics['loss']:.4f}" if math.isfinite(metrics["loss"]) else "random warm-up"
+            print(f"{line} | {learning} | {sps} SPS ({(time.time() - window_start) / 60:.1f} min since the last line)",
+                  flush=True)
             window_start = time.time()
 
     env.close()

@@ -132,7 +132,8 @@ def adopt(runs_dir: Path) -> None:
             shutil.copy2(f, RESULTS / "runs" / path.name / f.name)
         marker = dict(command=" ".join(["python", script, "--env-id", run["env"], "--seed", str(run["seed"]), *flags]),
                       wall_seconds=round(run["wall_minutes"] * 60, 1), machine=machine(), adopted_from=str(path),
-                      finished=datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds"))
+                      finished=datetime.datetime.fromtimestamp(
+                          max(f.stat().st_mtime for f in path.glob("events.out.tfevents*"))).isoformat(timespec="seconds"))
         (RESULTS / "done").mkdir(parents=True, exist_ok=True)
         (RESULTS / "done" / f"{key}.json").write_text(json.dumps(marker, indent=1) + "\n")
         print(f"adopted {key} from {path}")
