@@ -144,9 +144,12 @@ def bitflip_section(prefix: str) -> list[str]:
     ns = sorted({n for _, n in by})
     seeds = len(by[("qwr", ns[0])])
     seconds = [float(r["seconds"]) for r in rows]
+    marker = RESULTS / "done" / "bitflip__sweep.json"
+    wall = f", {json.loads(marker.read_text())['wall_seconds'] / 60:.0f} minutes of wall time" if marker.is_file() else ""
     out = ["### BitFlip (QWR paper Fig. 1)", "",
            f"Mean return of 10 greedy games after 10 iterations; mean [min, max] over {seeds} seeds. "
-           f"{len(rows)} runs, {np.median(seconds):.0f} s each (median), {sum(seconds) / 60:.0f} CPU-minutes in all.",
+           f"{len(rows)} runs, {np.median(seconds):.0f} s each (median), {sum(seconds) / 60:.0f} CPU-minutes "
+           f"in all{wall}.",
            "", "| N | optimum | AWR | QWR |", "|---|---|---|---|"]
     optimum = {int(r["n_bits"]): r["optimal_return"] for r in rows}
     for n in ns:
