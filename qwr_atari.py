@@ -380,8 +380,8 @@ def collect(envs, obs: np.ndarray, n_steps: int, actor, buffer: FrameReplayBuffe
     """Act for n_steps vector steps, writing frames and transitions into the buffer."""
     episodes = []
     all_envs = np.arange(envs.num_envs)
+    probs = torch.softmax(actor(torch.as_tensor(obs, device=device)), -1)
     for _ in range(n_steps):
-        probs = torch.softmax(actor(torch.as_tensor(obs, device=device)), -1)
         action = torch.multinomial(probs, 1).squeeze(-1)
         next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         ended = terminated | truncated
@@ -394,8 +394,11 @@ def collect(envs, obs: np.ndarray, n_steps: int, actor, buffer: FrameReplayBuffe
         next_mu = torch.softmax(actor(torch.as_tensor(true_next, device=device)), -1)
         buffer.add(dict(frame=frame, first=first, action=action, mu=probs, next_mu=next_mu,
                         reward=np.clip(reward, -1.0, 1.0), terminated=terminated, episode_end=ended))
+        # mu at s' is the policy of the next step, except where a new episode began.
+        probs = next_mu.clone()
         if ended.any():  # the new episodes start their own frame streams from their reset frames
             buffer.push_frames(next_obs[ended][:, -1], np.flatnonzero(ended), new_episode=True)
+            probs[torch.as_tensor(ended)] = torch.softmax(actor(torch.as_tensor(next_obs[ended], device=device)), -1)
         obs = next_obs
     return obs, episodes
 

@@ -93,6 +93,12 @@ def test_frame_buffer_rebuilds_every_stacked_observation_and_true_next_observati
             s_next = buffer.stacks(d["frame"][row, e], d["first"][row, e], env, 1)
             assert np.array_equal(s.numpy(), seen[row][e]), (row, e)
             assert np.array_equal(s_next.numpy(), true_next[row][e]), (row, e)
+    # mu is the policy at the state it acted in (a reset state after an episode end), next_mu at the true s'.
+    with torch.no_grad():
+        for row in range(9):
+            assert torch.allclose(d["mu"][row], torch.softmax(actor(torch.as_tensor(seen[row])), -1), atol=1e-6)
+            assert torch.allclose(d["next_mu"][row], torch.softmax(actor(torch.as_tensor(true_next[row])), -1),
+                                  atol=1e-6)
     assert d["terminated"][:, 0].nonzero().flatten().tolist() == [1, 3]
     assert d["episode_end"][:, 1].nonzero().flatten().tolist() == [2]
     assert torch.all(d["reward"][:9] == 1.0)  # rewards of 5 stored clipped to 1
