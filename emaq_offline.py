@@ -52,6 +52,8 @@ class Args:
     """N, actions drawn from mu for the backup and for acting (the paper sweeps 5 ... 400)"""
     num_q: int = 8
     """K, Q-networks in the ensemble"""
+    q_hidden: int = 750
+    """units in each of the 3 hidden layers of every Q-network (Table 2: 750)"""
     ensemble_lambda: float = 1.0
     """a target combines the K members as lambda * min + (1 - lambda) * max"""
     num_updates: int = 1_000_000
@@ -72,6 +74,8 @@ class Args:
     """Adam learning rate of mu"""
     n_bins: int = 40
     """bins per action dimension"""
+    mu_embed: int = 750
+    """units of mu's state-embedding MLP and of the embedding itself (Appendix B: 750)"""
 
     # Evaluation, logging, checkpoints
     eval_every: int = 10_000
@@ -248,8 +252,8 @@ def load_transitions(dataset_id: str, device) -> tuple:
 
 def check_args(args: Args) -> None:
     problems = [
-        (min(args.n_samples, args.num_q, args.batch_size, args.eval_every) < 1,
-         "--n-samples, --num-q, --batch-size and --eval-every must be >= 1"),
+        (min(args.n_samples, args.num_q, args.batch_size, args.eval_every, args.q_hidden, args.mu_embed) < 1,
+         "--n-samples, --num-q, --batch-size, --eval-every, --q-hidden and --mu-embed must be >= 1"),
         (min(args.num_updates, args.mu_steps, args.eval_episodes) < 0, "step and episode counts cannot be negative"),
         (not 0 <= args.ensemble_lambda <= 1, "--ensemble-lambda must be in [0, 1]"),
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
@@ -302,8 +306,8 @@ def train(args: Args) -> dict:
     for k in ("obs", "next_obs"):
         data[k] = (data[k] - obs_mean) / obs_std
 
-    behavior = AutoregressiveBehavior(obs_dim, low, high, args.n_bins).to(device)
-    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_q).to(device)
+    behavior = AutoregressiveBehavior(obs_dim, low, high, args.n_bins, embed=args.mu_embed).to(device)
+    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_q, hidden=args.q_hidden).to(device)
     target_q = copy.deepcopy(q_ensemble).requires_grad_(False)
     mu_opt = torch.optim.Adam(behavior.parameters(), lr=args.mu_lr)
     q_opt = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
@@ -313,6 +317,10 @@ def train(args: Args) -> dict:
         ckpt = torch.load(args.checkpoint_path, map_location=device)
         if ckpt["args"]["dataset_id"] != args.dataset_id:
             raise UsageError(f"the checkpoint was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
+        for flag in ("n_bins", "num_q", "q_hidden", "mu_embed"):
+            if ckpt["args"].get(flag, getattr(Args, flag)) != getattr(args, flag):
+                name = flag.replace("_", "-")
+                raise UsageError(f"the checkpoint has --{name} {ckpt['args'].get(flag)}; pass the same")
         for k, v in state.items():
             v.load_state_dict(ckpt[k])
         mu_done, q_done = ckpt["mu_done"], ckpt["q_done"]
@@ -331,6 +339,7 @@ def train(args: Args) -> dict:
     print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {n} transitions of {env_id}, dataset return "
           f"{dataset_return:.1f}{score(dataset_return)}; logs in runs/{run_name} ({device})")
     metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
+    writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
 
     start = time.time()
     for step in range(mu_done, args.mu_steps):  # 1. maximum likelihood of mu (Appendix B)

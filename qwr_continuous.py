@@ -697,13 +697,17 @@ def train(args: Args) -> dict:
     table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_iterations = args.offline_iterations if offline else args.total_timesteps // args.steps_per_iteration
-    source = f"offline from {args.offline_dataset_id} ({buffer.size} steps)" if offline else f"on {args.env_id}"
+    source = f"on {args.env_id}"
+    if offline:  # every dataset episode ends with episode_end, so this is the mean episode return
+        dataset_return = (buffer.data["reward"].sum() / buffer.data["episode_end"].sum()).item()
+        writer.add_scalar("charts/dataset_return", dataset_return, 0)
+        source = f"offline from {args.offline_dataset_id} ({buffer.size} steps, mean return {dataset_return:.1f})"
     print(f"QWR-{args.backup} {source} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
     obs, _ = envs.reset(seed=args.seed)
     envs.action_space.seed(args.seed)
     start_time = time.time()
     start_step = start_iteration if offline else start_iteration * args.steps_per_iteration
-    metrics: dict = {"eval_return": float("nan")}
+    metrics: dict = {"eval_return": float("nan")} | ({"dataset_return": dataset_return} if offline else {})
     collected = []  # every rollout, for --save-dataset
     for iteration in range(start_iteration, n_iterations):
         iteration_start = time.time()
@@ -769,9 +773,11 @@ def train(args: Args) -> dict:
                       policy_episodes(args.env_id, args.policy_dataset_episodes, actor, obs_norm, args.action_std,
                                       device, args.seed + 20_000), args.env_id,
                       f"episodes of QWR's Gaussian policy (std {args.action_std}) after {run_name}")
-    print(f"done: eval return {metrics['eval_return']:.1f} at {'iteration' if offline else 'step'} "
-          f"{metrics.get('global_step', start_step)}, "
-          f"{(time.time() - start_time) / 60:.1f} min")
+    if start_iteration >= n_iterations:  # e.g. a finished checkpoint, loaded to write --save-policy-dataset
+        print(f"nothing left to train: the checkpoint is at iteration {start_iteration} of {n_iterations}")
+    else:
+        print(f"done: eval return {metrics['eval_return']:.1f} at {'iteration' if offline else 'step'} "
+              f"{metrics.get('global_step', start_step)}, {(time.time() - start_time) / 60:.1f} min")
     return metrics | {"run_name": run_name}
 
 

@@ -78,11 +78,13 @@ def test_a_run_from_a_dataset_made_by_qwr(tmp_path, monkeypatch):
                        actor_steps=2, batch_size=32, eval_episodes=0, cuda=False,
                        save_dataset="local/hopper/tiny-v0"))
     args = emaq.Args(dataset_id="local/hopper/tiny-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
-                     n_samples=2, num_q=2, batch_size=16, cuda=False, save_model=True)
+                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, save_model=True)
     m = emaq.train(args)
     assert m["updates"] == 20 and math.isfinite(m["q_loss"]) and math.isfinite(m["normalized_score"])
     assert m["mu_nll"] < 3 * math.log(40)  # mu has learned: below the uniform model over 40 bins in 3 dims
     ev = emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], eval_only=True)))
     assert len(ev["eval_returns"]) == 1
+    with pytest.raises(emaq.UsageError, match="--q-hidden 32; pass the same"):
+        emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], q_hidden=64)))
     with pytest.raises(emaq.UsageError, match="found: local/hopper/tiny-v0"):
         emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", cuda=False))

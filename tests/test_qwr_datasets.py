@@ -77,6 +77,18 @@ def test_online_run_writes_both_datasets_then_trains_offline_from_one(datasets_d
     m = qwr.train(qwr.Args(**tiny | dict(env_id="Walker2d-v4"), offline_dataset_id="local/hopper/replay-v0",
                            offline_iterations=2))
     assert m["global_step"] == 2 and math.isfinite(m["critic_loss"])
+    episodes = int(buffer.data["episode_end"].sum())  # the mean episode return of the 200 steps collected
+    assert m["dataset_return"] == pytest.approx(float(buffer.data["reward"].sum()) / episodes)
     assert math.isfinite(m["normalized_score"]) and "Hopper-v4" in m["run_name"]  # the dataset's env
     with pytest.raises(qwr.UsageError, match="exists already"):
         qwr.train(qwr.Args(**tiny, save_dataset="local/hopper/replay-v0"))
+
+
+def test_a_finished_checkpoint_writes_a_policy_dataset_without_training_more(datasets_dir):
+    tiny = dict(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=4, actor_steps=4,
+                batch_size=32, buffer_size=1000, eval_every=2, eval_episodes=1, cuda=False)
+    m = qwr.train(qwr.Args(**tiny, save_model=True))
+    again = qwr.train(qwr.Args(**tiny, checkpoint_path=m["checkpoint"], save_policy_dataset="local/hopper/late-v0",
+                               policy_dataset_episodes=2))
+    assert "critic_loss" not in again  # no iteration was left to run
+    assert qwr.load_dataset("local/hopper/late-v0", 0.4, "cpu")[0].data["episode_end"].sum() == 2
