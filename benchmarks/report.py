@@ -29,7 +29,7 @@ GRID_TITLES = {
     "qwr-table2": "QWR paper Table 2: Atari, 100K interactions",
     "qwr-table3": "QWR paper Table 3: MuJoCo, 1M environment steps",
     "iq": "IQ paper ablation (Fig. 2: M-IQ, IQ, Gaussian policy) at 100K environment steps",
-    "emaq": "EMaQ on datasets made by qwr_continuous.py",
+    "emaq": "Offline: EMaQ and QWR on datasets made by qwr_continuous.py",
 }
 
 
@@ -37,19 +37,30 @@ def method_of(hp: dict) -> str:
     """The paper's name for a run, from its logged hyper-parameters."""
     script = hp.get("exp_name", "?")
     if script.startswith("qwr"):
-        return "QWR-" + {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
+        backup = {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
+        return f"QWR-{backup}" + (" offline" if offline_dataset(hp) else "")
     if script == "iq_continuous":
         munchausen = float(hp.get("alpha", 0)) > 0
         if hp.get("residual") == "True":
             return "Trust-PCL" if munchausen else "PCL"
         return ("M-IQ" if munchausen else "IQ") + ("-gaussian" if hp.get("policy") == "gaussian" else "")
     if script == "emaq_offline":
-        return f"EMaQ N={hp.get('n_samples', '?')}"
+        sizes = (hp.get("q_hidden", "750"), hp.get("mu_embed", "750"))  # Table 2's are 750 and 750
+        small = "" if sizes == ("750", "750") else " (Q {}, mu {} units)".format(*sizes)
+        return f"EMaQ N={hp.get('n_samples', '?')}{small}"
     return {"awr_continuous": "AWR"}.get(script, script)
+
+
+def offline_dataset(hp: dict) -> str | None:
+    """The Minari dataset an offline run of qwr_continuous.py learned from, if any."""
+    dataset = hp.get("offline_dataset_id")
+    return dataset if dataset and dataset != "None" else None
 
 
 def grid_of(hp: dict) -> str:
     steps, script = int(hp.get("total_timesteps", 0)), hp.get("exp_name", "")
+    if offline_dataset(hp):
+        return "emaq"
     if script == "qwr_atari":
         return "qwr-table2"
     if script in ("iq_continuous", "emaq_offline"):
@@ -71,15 +82,22 @@ def read_run(path: Path) -> dict | None:
     text = ea.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
     hp = dict(re.findall(r"^\|([^|]+)\|([^|]*)\|$", text, re.M))
     curve = [(e.step, e.value) for e in ea.Scalars("charts/eval_return")]
-    # The x-axis is environment steps; offline (EMaQ) it is Q updates.
+    # The x-axis is environment steps; offline it is Q-network updates (QWR logs iterations of critic_steps).
     total = int(hp.get("total_timesteps") or hp.get("num_updates") or 0)
+    if offline_dataset(hp):
+        per_iteration = int(hp.get("critic_steps", 1))
+        curve, total = [(s * per_iteration, v) for s, v in curve], int(hp["offline_iterations"]) * per_iteration
+    final = {tag: ea.Scalars(tag)[-1].value for tag in ("charts/normalized_score", "charts/dataset_return")
+             if tag in tags["scalars"]}
     scalars = [e for tag in tags["scalars"] for e in ea.Scalars(tag)]
     sps = ea.Scalars("charts/SPS")[-1].value if "charts/SPS" in tags["scalars"] else float("nan")
     return dict(
-        grid=grid_of(hp), method=method_of(hp), env=hp.get("env_id") or hp.get("dataset_id", "?"),
-        seed=int(hp.get("seed", 0)), total=total, curve=curve, sps=sps, path=path,
+        grid=grid_of(hp), method=method_of(hp),
+        env=hp.get("dataset_id") or offline_dataset(hp) or hp.get("env_id", "?"),
+        seed=int(hp.get("seed", 0)), total=total, hp=hp, curve=curve, sps=sps, path=path,
         wall_minutes=(max(e.wall_time for e in scalars) - min(e.wall_time for e in scalars)) / 60,
-        finished=curve[-1][0] >= total,
+        finished=curve[-1][0] >= total, score=final.get("charts/normalized_score"),
+        dataset_return=final.get("charts/dataset_return"),
     )
 
 
@@ -124,7 +142,7 @@ def plot_grid(grid: str, runs: list[dict], out: Path) -> None:
             line = ax.plot(steps, np.median(y, 0), "o-", ms=3, label=f"{method} ({len(curves)} seeds)")[0]
             if len(curves) > 1:
                 ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
-        ax.set(title=env, xlabel="environment steps", ylabel="eval return")
+        ax.set(title=env, xlabel="Q-network updates" if grid == "emaq" else "environment steps", ylabel="eval return")
         ax.legend(fontsize=8)
     fig.suptitle(f"{GRID_TITLES.get(grid, grid)} (median over seeds, band: min-max)", fontsize=10)
     fig.tight_layout()
@@ -170,18 +188,24 @@ def report(prefix: str) -> str:
         lines += [f"Runs finished {dates[0]} to {dates[-1]} on: {'; '.join(machines)}.", ""]
     for grid in sorted({r["grid"] for r in runs}):
         grid_runs = [r for r in runs if r["grid"] == grid]
+        offline = grid == "emaq"  # compared with the dataset, not a paper's number
         lines += [f"### {GRID_TITLES.get(grid, grid)}", "",
-                  "| method | env | ours: final eval return | seeds | paper | wall time per run | SPS |",
+                  f"| method | {'dataset' if offline else 'env'} | ours: final eval return | seeds | "
+                  f"{'dataset: mean episode return' if offline else 'paper'} | wall time per run | SPS |",
                   "|---|---|---|---|---|---|---|"]
         for method, env in sorted({(r["method"], r["env"]) for r in grid_runs}):
             done = [r for r in grid_runs if r["method"] == method and r["env"] == env and r["finished"]]
             running = [r for r in grid_runs if r["method"] == method and r["env"] == env and not r["finished"]]
             ours = median_iqr([r["curve"][-1][1] for r in done]) if done else "–"
+            if done and all(r["score"] is not None for r in done):
+                ours += f" (score {np.median([r['score'] for r in done]):.1f})"
             seeds = f"{len(done)}" + (f" (+{len(running)} running)" if running else "")
             p = paper.get((grid, method, env))
             theirs = (f"{p['score']} ± {p['spread']}" if p and p["spread"] else p["score"] if p else "–")
+            if offline and done and done[0]["dataset_return"] is not None:
+                theirs = f"{done[0]['dataset_return']:.0f}"
             wall = f"{np.median([r['wall_minutes'] for r in done]):.0f} min" if done else "–"
-            sps = f"{np.median([r['sps'] for r in done]):.0f}" if done else "–"
+            sps = f"{np.median([r['sps'] for r in done]):.0f}" if done and not offline else "–"
             lines.append(f"| {method} | {env} | {ours} | {seeds} | {theirs} | {wall} | {sps} |")
         png = f"{grid}.png"
         plot_grid(grid, grid_runs, RESULTS / png)

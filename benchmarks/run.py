@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -33,6 +34,10 @@ ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v
          "GopherNoFrameskip-v4", "PongNoFrameskip-v4", "SeaquestNoFrameskip-v4"]
 QWR_1M = ["--total-timesteps", "1000000", "--tau", "1.0", "--backup-scale", "std"]  # Appendix 6.1
 IQ_100K = ["--total-timesteps", "100000"]
+DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # see README: offline workflow
+# EMaQ at Table 2's sizes needs a GPU (about 0.4 updates/s on 2 CPU cores); this is what fits a CPU.
+EMAQ_CPU = ["--q-hidden", "256", "--mu-embed", "256", "--mu-steps", "5000", "--num-updates", "1000",
+            "--eval-every", "250", "--eval-episodes", "5"]
 
 # grid -> (method, script, extra flags, envs). The paper's tables report 5 seeds.
 GRIDS = {
@@ -51,9 +56,15 @@ GRIDS = {
         ("QWR-LSE", "qwr_continuous.py", QWR_1M, MUJOCO),
         ("AWR", "awr_continuous.py", ["--total-timesteps", "1000000"], MUJOCO),
     ],
-    "emaq": [  # EMaQ (N = 10 and 50) on Minari datasets made by qwr_continuous.py --save-dataset
-        ("EMaQ N=10", "emaq_offline.py", ["--n-samples", "10"], ["local/hopper/qwr-replay-v0"]),
-        ("EMaQ N=50", "emaq_offline.py", ["--n-samples", "50"], ["local/hopper/qwr-replay-v0"]),
+    "emaq": [  # EMaQ (N = 10 and 50) and offline QWR on Minari datasets made by qwr_continuous.py
+        ("EMaQ N=10", "emaq_offline.py", ["--n-samples", "10"], DATASETS),
+        ("EMaQ N=50", "emaq_offline.py", ["--n-samples", "50"], DATASETS),
+        ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS),
+    ],
+    "emaq-cpu": [  # the same with small networks and 1000 updates: what 2 CPU cores fit beside other runs
+        ("EMaQ N=10 (Q 256, mu 256 units)", "emaq_offline.py", ["--n-samples", "10", *EMAQ_CPU], DATASETS[1:]),
+        ("EMaQ N=50 (Q 256, mu 256 units)", "emaq_offline.py", ["--n-samples", "50", *EMAQ_CPU], DATASETS[1:]),
+        ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS[1:]),
     ],
     "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation (Fig. 2), at a 100K-step budget
         ("M-IQ", "iq_continuous.py", IQ_100K, ["HalfCheetah-v4", "Walker2d-v4"]),
@@ -91,10 +102,14 @@ def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
             for seed in seeds:
                 if (envs and env not in envs) or (methods and method not in methods):
                     continue
-                env_flag = "--dataset-id" if script == "emaq_offline.py" else "--env-id"
+                env_flag = ("--dataset-id" if script == "emaq_offline.py" else
+                            "--offline-dataset-id" if grid.startswith("emaq") else "--env-id")
                 runs.append(dict(key=f"{grid}__{method}__{env.replace('/', '-')}__{seed}", script=script,
                                  args=[env_flag, env, "--seed", str(seed), *flags]))
     return runs
+
+
+STARTING = threading.Lock()
 
 
 def launch(run: dict, threads: int) -> tuple[str, int, float]:
@@ -103,7 +118,16 @@ def launch(run: dict, threads: int) -> tuple[str, int, float]:
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.time()
     with open(RESULTS / "logs" / f"{run['key']}.log", "w") as log:
-        rc = subprocess.run(command, cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        # A run's log directory is runs/{env}__{script}__{seed}__{unix second}: two runs that differ only
+        # in flags (QWR-LSE and QWR-MAX, EMaQ N=10 and 50) must not start in the same second, or they
+        # share it. So processes start one at a time, each once the previous one has made its directory.
+        with STARTING:
+            before = set((RESULTS / "runs").glob("*"))
+            process = subprocess.Popen(command, cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT, env=env)
+            while process.poll() is None and set((RESULTS / "runs").glob("*")) <= before:
+                time.sleep(0.2)
+            time.sleep(1.1)
+        rc = process.wait()
     wall = time.time() - start
     if rc == 0:
         marker = dict(command=" ".join(["python", run["script"], *run["args"]]), wall_seconds=round(wall, 1),
@@ -124,19 +148,20 @@ def adopt(runs_dir: Path) -> None:
         if run is None or not run["finished"]:
             print(f"skipped (unfinished or not a benchmark run): {path}")
             continue
-        key = f"{run['grid']}__{run['method']}__{run['env'].replace('/', '-')}__{run['seed']}"
-        flags = next((f for m, s, f, _ in GRIDS.get(run["grid"], []) if m == run["method"]), [])
-        script = next((s for m, s, _, _ in GRIDS.get(run["grid"], []) if m == run["method"]), "?")
+        # The grids that hold this (method, env): the run counts as done in each of them.
+        grids = [g for g, rows in GRIDS.items() if any(m == run["method"] and run["env"] in e for m, _, _, e in rows)]
+        keys = [f"{g}__{run['method']}__{run['env'].replace('/', '-')}__{run['seed']}" for g in grids or [run["grid"]]]
         (RESULTS / "runs" / path.name).mkdir(parents=True, exist_ok=True)
         for f in path.glob("events.out.tfevents*"):
             shutil.copy2(f, RESULTS / "runs" / path.name / f.name)
-        marker = dict(command=" ".join(["python", script, "--env-id", run["env"], "--seed", str(run["seed"]), *flags]),
-                      wall_seconds=round(run["wall_minutes"] * 60, 1), machine=machine(), adopted_from=str(path),
-                      finished=datetime.datetime.fromtimestamp(
-                          max(f.stat().st_mtime for f in path.glob("events.out.tfevents*"))).isoformat(timespec="seconds"))
+        last_write = max(f.stat().st_mtime for f in path.glob("events.out.tfevents*"))
+        marker = dict(hyperparameters=run["hp"], wall_seconds=round(run["wall_minutes"] * 60, 1), machine=machine(),
+                      adopted_from=str(path),
+                      finished=datetime.datetime.fromtimestamp(last_write).isoformat(timespec="seconds"))
         (RESULTS / "done").mkdir(parents=True, exist_ok=True)
-        (RESULTS / "done" / f"{key}.json").write_text(json.dumps(marker, indent=1) + "\n")
-        print(f"adopted {key} from {path}")
+        for key in keys:
+            (RESULTS / "done" / f"{key}.json").write_text(json.dumps(marker, indent=1) + "\n")
+        print(f"adopted {', '.join(keys)} from {path}")
 
 
 def main() -> None:
@@ -158,7 +183,7 @@ def main() -> None:
     runs = runs_of(a.grid, a.seeds, a.envs, a.methods)
     if not runs:
         sys.exit("error: the filters leave no run in this grid (see --dry-run without them)")
-    for sub in ("logs", "done"):
+    for sub in ("logs", "done", "runs"):
         (RESULTS / sub).mkdir(parents=True, exist_ok=True)
     missing = sorted({r["script"] for r in runs if not (ROOT / r["script"]).is_file()})
     done = {r["key"] for r in runs if (RESULTS / "done" / f"{r['key']}.json").is_file()}

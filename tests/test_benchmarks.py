@@ -1,5 +1,6 @@
 """benchmarks/run.py's grids and benchmarks/report.py's reading of logs."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -8,13 +9,15 @@ from torch.utils.tensorboard import SummaryWriter
 from benchmarks import report, run
 
 
-def fake_run(root: Path, name: str, hp: dict, evals: list[tuple[int, float]]) -> None:
+def fake_run(root: Path, name: str, hp: dict, evals: list[tuple[int, float]], **scalars: float) -> None:
     writer = SummaryWriter(str(root / name))
     table = "\n".join(f"|{k}|{v}|" for k, v in hp.items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     for step, value in evals:
         writer.add_scalar("charts/eval_return", value, step)
         writer.add_scalar("charts/SPS", 50, step)
+        for tag, v in scalars.items():
+            writer.add_scalar(f"charts/{tag}", v, step)
     writer.close()
 
 
@@ -62,3 +65,33 @@ def test_paper_numbers_are_the_tables():
     assert paper[("qwr-table3", "QWR-LSE", "Humanoid-v4")]["score"] == "5675"
     with pytest.raises(KeyError):
         paper[("qwr-table1", "QWR-LSE", "Ant-v4")]
+
+
+def test_offline_runs_are_named_by_their_dataset_counted_in_updates_and_compared_with_it(tmp_path, monkeypatch):
+    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000, seed=1,
+              offline_dataset_id="local/hopper/x-v0", offline_iterations=30, critic_steps=1000)
+    fake_run(tmp_path / "runs", "a", hp, [(10, 400.0), (30, 500.0)], dataset_return=443.8, normalized_score=16.0)
+    emaq = dict(exp_name="emaq_offline", dataset_id="local/hopper/x-v0", n_samples=10, q_hidden=256, mu_embed=256,
+                num_updates=1000, seed=1)
+    fake_run(tmp_path / "runs", "b", emaq, [(500, 450.0)], dataset_return=443.8)  # half way
+    [qwr] = [r for r in report.collect_runs(tmp_path / "runs") if r["method"] == "QWR-LSE offline"]
+    assert (qwr["grid"], qwr["env"], qwr["finished"]) == ("emaq", "local/hopper/x-v0", True)
+    assert qwr["curve"] == [(10_000, 400.0), (30_000, 500.0)]  # iterations of 1000 critic updates
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.report("")
+    assert "| QWR-LSE offline | local/hopper/x-v0 | 500 (score 16.0) | 1 | 444 |" in text
+    assert "| EMaQ N=10 (Q 256, mu 256 units) | local/hopper/x-v0 | – | 0 (+1 running) | – |" in text
+
+
+def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypatch):
+    # Like the scripts, the fake names its directory after the second it starts in.
+    (tmp_path / "fake.py").write_text("import os, time\nos.makedirs(f'runs/fake__{int(time.time())}')\n")
+    for sub in ("runs", "logs", "done"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    runs = [dict(key=f"k{i}", script="fake.py", args=[]) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        assert [rc for _, rc, _ in pool.map(lambda r: run.launch(r, 1), runs)] == [0, 0]
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["k0.json", "k1.json"]
