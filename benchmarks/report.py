@@ -45,9 +45,9 @@ def method_of(hp: dict) -> str:
             return "Trust-PCL" if munchausen else "PCL"
         return ("M-IQ" if munchausen else "IQ") + ("-gaussian" if hp.get("policy") == "gaussian" else "")
     if script == "emaq_offline":
-        sizes = (hp.get("q_hidden", "750"), hp.get("mu_embed", "750"))  # Table 2's are 750 and 750
-        small = "" if sizes == ("750", "750") else " (Q {}, mu {} units)".format(*sizes)
-        return f"EMaQ N={hp.get('n_samples', '?')}{small}"
+        setting = (hp.get("q_hidden", "750"), hp.get("mu_embed", "750"), hp.get("num_updates", "1000000"))
+        small = "" if setting == ("750", "750", "1000000") else " (Q {}, mu {} units, {} updates)".format(*setting)
+        return f"EMaQ N={hp.get('n_samples', '?')}{small}"  # Table 2's setting has no suffix
     return {"awr_continuous": "AWR"}.get(script, script)
 
 
@@ -163,7 +163,9 @@ def bitflip_section(prefix: str) -> list[str]:
     seeds = len(by[("qwr", ns[0])])
     seconds = [float(r["seconds"]) for r in rows]
     marker = RESULTS / "done" / "bitflip__sweep.json"
-    wall = f", {json.loads(marker.read_text())['wall_seconds'] / 60:.0f} minutes of wall time" if marker.is_file() else ""
+    wall = ""
+    if marker.is_file():
+        wall = f", {json.loads(marker.read_text())['wall_seconds'] / 60:.0f} minutes of wall time"
     out = ["### BitFlip (QWR paper Fig. 1)", "",
            f"Mean return of 10 greedy games after 10 iterations; mean [min, max] over {seeds} seeds. "
            f"{len(rows)} runs, {np.median(seconds):.0f} s each (median), {sum(seconds) / 60:.0f} CPU-minutes "

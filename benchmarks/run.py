@@ -62,8 +62,8 @@ GRIDS = {
         ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS),
     ],
     "emaq-cpu": [  # the same with small networks and 1000 updates: what 2 CPU cores fit beside other runs
-        ("EMaQ N=10 (Q 256, mu 256 units)", "emaq_offline.py", ["--n-samples", "10", *EMAQ_CPU], DATASETS[1:]),
-        ("EMaQ N=50 (Q 256, mu 256 units)", "emaq_offline.py", ["--n-samples", "50", *EMAQ_CPU], DATASETS[1:]),
+        *((f"EMaQ N={n} (Q 256, mu 256 units, 1000 updates)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_CPU],
+           DATASETS[1:]) for n in (10, 50)),
         ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS[1:]),
     ],
     "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation (Fig. 2), at a 100K-step budget

@@ -80,7 +80,7 @@ def test_offline_runs_are_named_by_their_dataset_counted_in_updates_and_compared
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = report.report("")
     assert "| QWR-LSE offline | local/hopper/x-v0 | 500 (score 16.0) | 1 | 444 |" in text
-    assert "| EMaQ N=10 (Q 256, mu 256 units) | local/hopper/x-v0 | – | 0 (+1 running) | – |" in text
+    assert "| EMaQ N=10 (Q 256, mu 256 units, 1000 updates) | local/hopper/x-v0 | – | 0 (+1 running) | – |" in text
 
 
 def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypatch):
