@@ -148,8 +148,9 @@ def adopt(runs_dir: Path) -> None:
         if run is None or not run["finished"]:
             print(f"skipped (unfinished or not a benchmark run): {path}")
             continue
-        # The grids that hold this (method, env): the run counts as done in each of them.
-        grids = [g for g, rows in GRIDS.items() if any(m == run["method"] and run["env"] in e for m, _, _, e in rows)]
+        # The grids of its kind (e.g. emaq and emaq-cpu) that hold this (method, env): it is done in each of them.
+        grids = [g for g, rows in GRIDS.items() if g.startswith(run["grid"])
+                 and any(m == run["method"] and run["env"] in e for m, _, _, e in rows)]
         keys = [f"{g}__{run['method']}__{run['env'].replace('/', '-')}__{run['seed']}" for g in grids or [run["grid"]]]
         (RESULTS / "runs" / path.name).mkdir(parents=True, exist_ok=True)
         for f in path.glob("events.out.tfevents*"):

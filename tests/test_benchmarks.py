@@ -95,3 +95,14 @@ def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypat
         assert [rc for _, rc, _ in pool.map(lambda r: run.launch(r, 1), runs)] == [0, 0]
     assert len(list((tmp_path / "runs").iterdir())) == 2
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["k0.json", "k1.json"]
+
+
+def test_adopt_marks_a_hand_made_run_done_in_its_own_table_only(tmp_path, monkeypatch):
+    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000, seed=2)
+    fake_run(tmp_path / "mine", "Hopper-v4__qwr_continuous__2__1", hp, [(100_000, 240.0)])
+    fake_run(tmp_path / "mine", "unfinished", hp | dict(seed=3), [(50_000, 240.0)])
+    monkeypatch.setattr(run, "RESULTS", tmp_path / "results")
+    run.adopt(tmp_path / "mine")
+    # QWR-LSE on Hopper is in Table 3 too, but at 1M steps: a 100K run is not done there.
+    assert [p.name for p in (tmp_path / "results" / "done").iterdir()] == ["qwr-table1__QWR-LSE__Hopper-v4__2.json"]
+    assert [p.name for p in (tmp_path / "results" / "runs").iterdir()] == ["Hopper-v4__qwr_continuous__2__1"]
