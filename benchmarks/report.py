@@ -131,7 +131,8 @@ def plot_grid(grid: str, runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     envs = sorted({r["env"] for r in runs})
-    fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.6), squeeze=False)
+    offline = grid == "emaq"  # long method names, and budgets from hundreds to tens of thousands of updates
+    fig, axes = plt.subplots(1, len(envs), figsize=((9 if offline else 4.5) * len(envs), 3.6), squeeze=False)
     for ax, env in zip(axes[0], envs):
         for method in sorted({r["method"] for r in runs if r["env"] == env}):
             curves = [dict(r["curve"]) for r in runs if r["env"] == env and r["method"] == method]
@@ -142,8 +143,15 @@ def plot_grid(grid: str, runs: list[dict], out: Path) -> None:
             line = ax.plot(steps, np.median(y, 0), "o-", ms=3, label=f"{method} ({len(curves)} seeds)")[0]
             if len(curves) > 1:
                 ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
-        ax.set(title=env, xlabel="Q-network updates" if grid == "emaq" else "environment steps", ylabel="eval return")
-        ax.legend(fontsize=8)
+        ax.set(title=env, xlabel="Q-network updates" if offline else "environment steps", ylabel="eval return")
+        if offline:
+            data = [r["dataset_return"] for r in runs if r["env"] == env and r["dataset_return"] is not None]
+            if data:
+                ax.axhline(data[0], ls="--", color="grey", label="the dataset's mean episode return")
+            ax.set_xscale("log")
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        else:
+            ax.legend(fontsize=8)
     fig.suptitle(f"{GRID_TITLES.get(grid, grid)} (median over seeds, band: min-max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
