@@ -697,17 +697,18 @@ def train(args: Args) -> dict:
     table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_iterations = args.offline_iterations if offline else args.total_timesteps // args.steps_per_iteration
+    metrics: dict = {"eval_return": float("nan")}
     source = f"on {args.env_id}"
     if offline:  # every dataset episode ends with episode_end, so this is the mean episode return
-        dataset_return = (buffer.data["reward"].sum() / buffer.data["episode_end"].sum()).item()
-        writer.add_scalar("charts/dataset_return", dataset_return, 0)
-        source = f"offline from {args.offline_dataset_id} ({buffer.size} steps, mean return {dataset_return:.1f})"
+        metrics["dataset_return"] = (buffer.data["reward"].sum() / buffer.data["episode_end"].sum()).item()
+        writer.add_scalar("charts/dataset_return", metrics["dataset_return"], 0)
+        source = (f"offline from {args.offline_dataset_id} ({buffer.size} steps, "
+                  f"mean return {metrics['dataset_return']:.1f})")
     print(f"QWR-{args.backup} {source} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
     obs, _ = envs.reset(seed=args.seed)
     envs.action_space.seed(args.seed)
     start_time = time.time()
     start_step = start_iteration if offline else start_iteration * args.steps_per_iteration
-    metrics: dict = {"eval_return": float("nan")} | ({"dataset_return": dataset_return} if offline else {})
     collected = []  # every rollout, for --save-dataset
     for iteration in range(start_iteration, n_iterations):
         iteration_start = time.time()

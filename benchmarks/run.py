@@ -35,7 +35,7 @@ ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v
 QWR_1M = ["--total-timesteps", "1000000", "--tau", "1.0", "--backup-scale", "std"]  # Appendix 6.1
 IQ_100K = ["--total-timesteps", "100000"]
 DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # see README: offline workflow
-# EMaQ at Table 2's sizes needs a GPU (about 0.4 updates/s on 2 CPU cores); this is what fits a CPU.
+# EMaQ at Table 2's sizes needs a GPU (2.6 s per N = 10 update on one thread of this CPU); this fits a CPU.
 EMAQ_CPU = ["--q-hidden", "256", "--mu-embed", "256", "--mu-steps", "5000", "--num-updates", "1000",
             "--eval-every", "250", "--eval-episodes", "5"]
 
