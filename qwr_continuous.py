@@ -557,14 +557,17 @@ def collect(envs, obs: np.ndarray, n_steps: int, actor, obs_norm, action_std: fl
 
 @torch.no_grad()
 def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
-             video_folder: Optional[str] = None) -> np.ndarray:
-    """Returns of n_episodes of the deterministic policy (the clipped mean action)."""
+             video_folder: Optional[str] = None, action_std: float = 0.0) -> np.ndarray:
+    """Returns of n_episodes of the deterministic policy (the clipped mean action),
+    or with action_std > 0 of the sampled Gaussian policy (the paper does not
+    say which of the two its tables report)."""
     envs = make_vec_env(env_id, n_episodes, video_folder)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     obs, _ = envs.reset(seed=seed)
     returns = np.full(n_episodes, np.nan)
     while np.isnan(returns).any():
         action = actor(obs_norm(torch.as_tensor(obs, dtype=torch.float32, device=device)))
+        action = action + action_std * torch.randn_like(action)
         obs, _, _, _, info = envs.step(np.clip(action.cpu().numpy(), low, high))
         if "episode" in info:
             first = info["_episode"] & np.isnan(returns)  # keep each env's first episode
@@ -615,22 +618,28 @@ def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, o
 def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm, bounds) -> dict:
     """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu."""
     low, high = bounds
-    sums = torch.zeros(2, device=buffer.device)
+    sums = torch.zeros(5, device=buffer.device)
     for _ in range(args.actor_steps):
         b = buffer.sample(args.batch_size, 1)
         obs, mu_mean, mu_std = obs_norm(b["obs"][:, 0]), b["mu_mean"][:, 0], b["mu_std"][:, 0]
         noise = torch.randn((args.batch_size, args.n_samples) + mu_mean.shape[1:], device=buffer.device)
         actions = mu_mean.unsqueeze(1) + mu_std.unsqueeze(1) * noise  # [B, k, act_dim]
         with torch.no_grad():
-            weights = advantage_weights(critic(obs, actions.clamp(low, high)), args.beta, args.max_weight)
-        log_prob = torch.distributions.Normal(actor(obs).unsqueeze(1), args.action_std).log_prob(actions).sum(-1)
+            q = critic(obs, actions.clamp(low, high))
+            weights = advantage_weights(q, args.beta, args.max_weight)
+        mean = actor(obs)
+        log_prob = torch.distributions.Normal(mean.unsqueeze(1), args.action_std).log_prob(actions).sum(-1)
         loss = -(weights * log_prob).mean()
         actor_opt.zero_grad(set_to_none=True)
         loss.backward()
         actor_opt.step()
-        sums += torch.stack([loss.detach(), (weights >= args.max_weight).float().mean()])
-    loss, clipped = (sums / max(1, args.actor_steps)).tolist()
-    return {"actor_loss": loss, "clipped_weight_fraction": clipped}
+        # Diagnostics: clipped weights; policy means at or past the action bounds; how much Q
+        # and the weights vary over the k actions of one state (std over k, averaged over states).
+        at_bound = ((mean.detach() <= low) | (mean.detach() >= high)).float().mean()
+        sums += torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
+                             q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
+    names = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
+    return dict(zip(names, (sums / max(1, args.actor_steps)).tolist()))
 
 
 def train(args: Args) -> dict:
@@ -687,6 +696,13 @@ def train(args: Args) -> dict:
             buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
         if not args.eval_only:
             start_iteration = ckpt["iteration"]
+            # The same run goes on: its log directory, and the random streams where they stopped.
+            run_name = ckpt.get("run_name", run_name)
+            if "rng" in ckpt:
+                random.setstate(ckpt["rng"]["python"])
+                np.random.set_state((ckpt["rng"]["numpy"][0], np.array(ckpt["rng"]["numpy"][1], np.uint32),
+                                     *ckpt["rng"]["numpy"][2:]))
+                torch.set_rng_state(ckpt["rng"]["torch"])
     if args.eval_only:
         returns = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000,
                            f"videos/{run_name}" if args.capture_video else None)
@@ -705,7 +721,8 @@ def train(args: Args) -> dict:
         source = (f"offline from {args.offline_dataset_id} ({buffer.size} steps, "
                   f"mean return {metrics['dataset_return']:.1f})")
     print(f"QWR-{args.backup} {source} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
-    obs, _ = envs.reset(seed=args.seed)
+    # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
+    obs, _ = envs.reset(seed=args.seed + start_iteration)
     envs.action_space.seed(args.seed)
     start_time = time.time()
     start_step = start_iteration if offline else start_iteration * args.steps_per_iteration
@@ -737,6 +754,8 @@ def train(args: Args) -> dict:
             metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
         for k in ("critic_loss", "actor_loss", "q_mean", "target_mean", "clipped_weight_fraction"):
             writer.add_scalar(f"losses/{k}", metrics[k], global_step)
+        for k in ("mean_at_bound_fraction", "q_spread", "weight_spread"):
+            writer.add_scalar(f"diagnostics/{k}", metrics[k], global_step)
         if not offline:
             writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/seconds_per_iteration", metrics["seconds_per_iteration"], global_step)
@@ -750,15 +769,25 @@ def train(args: Args) -> dict:
             metrics["eval_return"] = float(returns.mean())
             writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
             line += f" | eval return {metrics['eval_return']:.1f}"
+            sampled = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000,
+                               action_std=args.action_std)
+            metrics["eval_return_sampled"] = float(sampled.mean())
+            writer.add_scalar("charts/eval_return_sampled", metrics["eval_return_sampled"], global_step)
+            line += f" (sampled {metrics['eval_return_sampled']:.1f})"
             if offline and refs:  # D4RL's normalised score: 0 random, 100 expert
                 metrics["normalized_score"] = 100 * (metrics["eval_return"] - refs[0]) / (refs[1] - refs[0])
                 writer.add_scalar("charts/normalized_score", metrics["normalized_score"], global_step)
                 line += f" (score {metrics['normalized_score']:.1f})"
             if args.save_model:
                 path = f"runs/{run_name}/{args.exp_name}.pt"
+                np_state = np.random.get_state()
+                rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+                           torch=torch.get_rng_state())
+                # Written to a temporary file first: a run killed mid-write leaves the last good checkpoint.
                 torch.save({k: v.state_dict() for k, v in state.items()} | dict(  # (offline: the data is the dataset)
                     args=asdict(args), iteration=iteration + 1, buffer=None if offline else buffer.data,
-                    buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
+                    buffer_ptr=buffer.ptr, buffer_size=buffer.size, run_name=run_name, rng=rng), path + ".tmp")
+                os.replace(path + ".tmp", path)
                 metrics["checkpoint"] = path
         speed = ("" if offline else f"{sps} SPS, ") + f"{metrics['seconds_per_iteration']:.1f} s/iter"
         print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {speed}", flush=True)

@@ -4,11 +4,15 @@
     python benchmarks/run.py qwr-table1 --seeds 1 2 --envs Walker2d-v4 Hopper-v4
     python benchmarks/run.py bitflip
 
-Every run works in benchmarks/results/ (TensorBoard logs go to its runs/),
-keeps its stdout in results/logs/, and on success leaves a marker in
-results/done/ with its command, wall time, date and machine. A grid is
-resumable: runs with a marker are skipped, an unfinished run starts again.
-As many runs go at once as --jobs says (default: one per CPU core), each with
+Every run works in a directory of its own outside git, $RL_BENCHMARKS_WORK/<run>
+(default ~/.cache/rl-benchmarks), where it keeps its TensorBoard log, its
+stdout and, for the scripts that can resume, a checkpoint at each evaluation.
+A finished run's logs are copied into benchmarks/results/ (runs/, logs/), and
+a marker in results/done/ records its command, wall time, date and machine.
+A grid survives the end of a session: runs with a marker are skipped, and a
+run that was stopped part-way continues from its last checkpoint in the same
+log directory the next time the grid is run (on the same machine). As many
+runs go at once as --jobs says (default: one per CPU core), each with
 cores / jobs torch threads. benchmarks/report.py turns the results into
 tables and plots.
 """
@@ -28,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+WORK = Path(os.environ.get("RL_BENCHMARKS_WORK") or Path.home() / ".cache" / "rl-benchmarks")
+RESUMABLE = {"qwr_continuous.py"}  # scripts that checkpoint with --save-model and resume with --checkpoint-path
 
 MUJOCO = ["HalfCheetah-v4", "Walker2d-v4", "Hopper-v4", "Humanoid-v4"]
 ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v4",
@@ -98,9 +104,9 @@ def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
         return [dict(key="bitflip__sweep", script="bitflip.py", args=["--sweep", "--out-dir", "bitflip"])]
     runs = []
     for method, script, flags, grid_envs in GRIDS[grid]:
-        for env in grid_envs:
+        for env in [e for e in envs if e in grid_envs] if envs else grid_envs:  # in the order asked for
             for seed in seeds:
-                if (envs and env not in envs) or (methods and method not in methods):
+                if methods and method not in methods:
                     continue
                 env_flag = ("--dataset-id" if script == "emaq_offline.py" else
                             "--offline-dataset-id" if grid.startswith("emaq") else "--env-id")
@@ -113,26 +119,39 @@ STARTING = threading.Lock()
 
 
 def launch(run: dict, threads: int) -> tuple[str, int, float]:
-    """Run one benchmark to completion in benchmarks/results; write its marker."""
-    command = [sys.executable, str(ROOT / run["script"]), *run["args"]]
+    """Run one benchmark to completion in its work directory, resuming it if it has a checkpoint;
+    then copy its logs into benchmarks/results and write its marker."""
+    work = WORK / run["key"]
+    work.mkdir(parents=True, exist_ok=True)
+    args = list(run["args"])
+    checkpoints = sorted(work.glob("runs/*/*.pt"))
+    if run["script"] in RESUMABLE:
+        args.append("--save-model")
+        if checkpoints:
+            args += ["--checkpoint-path", str(checkpoints[-1])]
+            print(f"resuming {run['key']} from {checkpoints[-1]}", flush=True)
+    command = [sys.executable, str(ROOT / run["script"]), *args]
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.time()
-    with open(RESULTS / "logs" / f"{run['key']}.log", "w") as log:
+    with open(work / "stdout.log", "a") as log:
         # A run's log directory is runs/{env}__{script}__{seed}__{unix second}: two runs that differ only
-        # in flags (QWR-LSE and QWR-MAX, EMaQ N=10 and 50) must not start in the same second, or they
-        # share it. So processes start one at a time, each once the previous one has made its directory.
+        # in flags (QWR-LSE and QWR-MAX, EMaQ N=10 and 50) must not start in the same second, or their logs
+        # meet in results/runs. So new runs start one at a time, each once the previous one has made its
+        # directory (a resumed run has its directory already).
         with STARTING:
-            before = set((RESULTS / "runs").glob("*"))
-            process = subprocess.Popen(command, cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT, env=env)
-            while process.poll() is None and set((RESULTS / "runs").glob("*")) <= before:
+            process = subprocess.Popen(command, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+            while process.poll() is None and not any(work.glob("runs/*")):
                 time.sleep(0.2)
             time.sleep(1.1)
         rc = process.wait()
     wall = time.time() - start
     if rc == 0:
+        # Everything the run wrote but its checkpoints (TensorBoard logs, the BitFlip sweep's files).
+        shutil.copytree(work, RESULTS, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt", "*.tmp", "stdout.log"))
+        shutil.copy2(work / "stdout.log", RESULTS / "logs" / f"{run['key']}.log")
         marker = dict(command=" ".join(["python", run["script"], *run["args"]]), wall_seconds=round(wall, 1),
                       finished=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
-                      threads=threads)
+                      threads=threads, resumed=bool(checkpoints))
         (RESULTS / "done" / f"{run['key']}.json").write_text(json.dumps(marker, indent=1) + "\n")
     return run["key"], rc, wall
 
@@ -198,7 +217,7 @@ def main() -> None:
         return
     jobs = max(1, min(a.jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    print(f"running {len(todo)} on {jobs} processes ({threads} torch threads each), logs in {RESULTS / 'logs'}")
+    print(f"running {len(todo)} on {jobs} processes ({threads} torch threads each), working in {WORK}")
     failed = 0
     with ThreadPoolExecutor(jobs) as pool:
         for future in as_completed([pool.submit(launch, r, threads) for r in todo]):

@@ -90,6 +90,7 @@ def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypat
         (tmp_path / sub).mkdir()
     monkeypatch.setattr(run, "ROOT", tmp_path)
     monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr(run, "WORK", tmp_path / "work")
     runs = [dict(key=f"k{i}", script="fake.py", args=[]) for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         assert [rc for _, rc, _ in pool.map(lambda r: run.launch(r, 1), runs)] == [0, 0]
