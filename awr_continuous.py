@@ -38,7 +38,7 @@ AUTHORS_PER_ENV = {
     "Ant": dict(actor_lr=5e-5, action_std=0.2),
     "HalfCheetah": dict(actor_lr=5e-5, action_std=0.4),
     "Hopper": dict(actor_lr=1e-4, action_std=0.4),
-    "Humanoid": dict(actor_lr=5e-5, action_std=0.2),
+    "Humanoid": dict(actor_lr=1e-5, action_std=0.4),
     "Walker2d": dict(actor_lr=2.5e-5, action_std=0.4),
 }
 # The defaults of the authors' AWRAgent, used for any other environment.

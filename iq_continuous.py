@@ -54,13 +54,14 @@ class Args:
     tau: float = 0.01
     """temperature tau of Q = tau ln pi + V (the paper's value on MuJoCo)"""
     munchausen_clip: float = -1.0
-    """lower clip of tau ln pi_bar(a|s) in the target, as Munchausen-DQN does (l0 = -1)"""
+    """lower clip of tau ln pi_bar(a|s) in the target, as Munchausen-DQN does (l0 = -1); -inf: none (Eq. 2)"""
     policy: Literal["multicategorical", "gaussian"] = "multicategorical"
     """policy class: n bins per action dimension (the paper), or the Gaussian of the ablation (Fig. 2)"""
     n_bins: int = 11
     """bins per action dimension, actions at the bin centres (the paper's n = 11)"""
     residual: bool = False
-    """use the online V(s') in the target, gradients through it: Trust-PCL (PCL with --alpha 0), the ablation"""
+    """use the online V(s') in the target, gradients through it: Trust-PCL (PCL with --alpha 0), the ablation
+    of Fig. 2, which used --tau 1e-4 for both (iq.md, Baselines)"""
 
     # SAC's schedule and hyper-parameters (Haarnoja et al. 2018b, as the paper keeps them)
     gamma: float = 0.99
@@ -162,17 +163,23 @@ def iq_loss(
     tau: float, alpha: float, gamma: float, clip: float, residual: bool = False,
 ) -> torch.Tensor:
     """Mean over the batch of Eq. (2):
-        ( r + alpha clip(tau ln pi_bar(a|s)) + gamma (1 - terminated) V_bar(s')
+        ( r + alpha max(tau ln pi_bar(a|s), clip) + gamma (1 - terminated) V_bar(s')
           - tau ln pi(a|s) - V(s) )^2.
-    The Munchausen term tau ln pi_bar is clipped to [clip, 0] as Munchausen-DQN
-    does: ln pi_bar -> -inf for an action the target policy deems impossible
-    would otherwise swamp the reward. A truncated episode bootstraps from the
+    The Munchausen term tau ln pi_bar is clipped below at `clip` as
+    Munchausen-DQN does: ln pi_bar -> -inf for an action the target policy
+    deems impossible would otherwise swamp the reward. Munchausen-DQN also
+    clips it above at 0, a no-op for a probability (the multicategorical
+    policy: ln pi <= 0), but not for the Gaussian's log-DENSITY, which is
+    positive once the std is small (per dimension E ln pi = -ln sigma - 1.42 > 0
+    for sigma < 0.24): that clip would zero the term for on-policy actions and
+    the run would not be M-IQ. Eq. (2) has no clip at all, so there is no upper
+    one here, for either policy. A truncated episode bootstraps from the
     final observation (terminated is False there). With residual=True the
     online V(s') replaces V_bar(s') and gradients flow through it (Trust-PCL).
     """
     obs, next_obs = batch["obs"], batch["next_obs"]
     with torch.no_grad():
-        munchausen = (tau * target_policy.log_prob(obs, batch["action"])).clamp(clip, 0.0)
+        munchausen = (tau * target_policy.log_prob(obs, batch["action"])).clamp(min=clip)
         next_v = None if residual else target_value(next_obs).squeeze(-1)
     if residual:
         next_v = value(next_obs).squeeze(-1)

@@ -112,7 +112,10 @@ def test_obs_normalizer_matches_numpy_and_freezes_at_its_limit():
 
 
 def test_authors_per_env_settings():
-    assert awr.authors_setting("Walker2d-v4") == dict(actor_lr=2.5e-5, action_std=0.4)
+    # (actor_stepsize, action_std) of every row of xbpeng/awr's awr_configs.py, read off that file.
+    authors = {"Ant-v2": (5e-5, 0.2), "HalfCheetah-v2": (5e-5, 0.4), "Hopper-v2": (1e-4, 0.4),
+               "Humanoid-v2": (1e-5, 0.4), "Walker2d-v2": (2.5e-5, 0.4)}
+    for env_id, (lr, std) in authors.items():
+        assert awr.authors_setting(env_id.replace("-v2", "-v4")) == dict(actor_lr=lr, action_std=std), env_id
     assert awr.authors_setting("Hopper-v5")["actor_lr"] == 1e-4
-    assert awr.authors_setting("Humanoid-v4")["action_std"] == 0.2
-    assert awr.authors_setting("Pendulum-v1") == awr.AUTHORS_DEFAULT
+    assert awr.authors_setting("Pendulum-v1") == dict(actor_lr=5e-5, action_std=0.2)  # AWRAgent's defaults

@@ -152,6 +152,28 @@ def test_iq_loss_on_a_hand_made_batch(tau):
         assert munchausen(0.2) == -1.0  # the clip is what this case checks
 
 
+def test_munchausen_term_keeps_a_positive_log_density():
+    # A Gaussian of std 0.1 at its mean has ln pi = -ln 0.1 - ln(2 pi) / 2 = 1.384 > 0 per dimension;
+    # Eq. 2 uses it as it is (Munchausen-DQN's clip at 0 would make the term vanish).
+    def gaussian(mean: float, std: float) -> iq.GaussianPolicy:
+        policy = iq.GaussianPolicy(obs_dim=1, act_dim=1)
+        with torch.no_grad():
+            policy.net[-1].weight.zero_()
+            policy.net[-1].bias.copy_(torch.tensor([mean, math.log(std)]))
+        return policy
+
+    policy, target_policy = gaussian(0.2, 0.5), gaussian(0.0, 0.1)
+    batch = dict(obs=torch.zeros(1, 1), next_obs=torch.ones(1, 1), action=torch.zeros(1, 1),
+                 reward=torch.tensor([0.5]), terminated=torch.tensor([False]))
+    tau, alpha, gamma = 0.5, 0.9, 0.99
+    log_density = lambda a, m, s: -((a - m) ** 2) / (2 * s * s) - math.log(s) - 0.5 * math.log(2 * math.pi)
+    assert log_density(0.0, 0.0, 0.1) > 0
+    error = (0.5 + alpha * tau * log_density(0.0, 0.0, 0.1) + gamma * 2.0
+             - tau * log_density(0.0, 0.2, 0.5) - 1.0)
+    loss = iq.iq_loss(policy, constant_value(1.0), target_policy, constant_value(2.0), batch, tau, alpha, gamma, -1.0)
+    assert loss.item() == pytest.approx(error**2, rel=1e-5)
+
+
 def test_residual_target_sends_gradients_through_the_next_value():
     torch.manual_seed(1)
     policy, value = iq.MultiCategoricalPolicy(3, 2, 5), iq.mlp(3, 1)
