@@ -17,10 +17,11 @@ one output per action, the backup and the actor loss sum exactly over the N
 actions weighted by the stored mu (what the authors' code does when k = N).
 
     python bitflip.py --algo qwr --n-bits 20
-    python bitflip.py --sweep            # both algorithms over N, CSV + PNG
+    python bitflip.py --sweep            # both algorithms over N, at both learning rates: CSV + PNG
 """
 
 import copy
+import csv
 import math
 import os
 import random
@@ -69,9 +70,10 @@ class Args:
     critic_lr: float = 1e-2
     """Adam learning rate of the critic (see actor_lr)"""
     # The paper gives no learning rate for BitFlip; 1e-2 is the authors' (Trax)
-    # discrete-action AWR setting. With Table 4's MuJoCo rates (1e-4 and 5e-4)
-    # neither network memorises the buffer in 3000 steps, the condition the paper
-    # names for AWR's failure (Appendix 6.2), and AWR does nearly as well as QWR.
+    # discrete-action AWR setting. Fig. 1's collapse of AWR shows only with it:
+    # with Table 4's MuJoCo rates (1e-4 and 5e-4) the networks do not memorise
+    # the buffer in 3000 steps, the condition the paper names for AWR's failure
+    # (Appendix 6.2). The sweep runs both (--sweep-lrs); README, BitFlip.
     actor_lr: float = 1e-2
     """Adam learning rate of the actor (the paper gives none; 1e-2 as the authors' discrete-action AWR)"""
     target_update_every: int = 100
@@ -100,6 +102,8 @@ class Args:
     """values of N in the sweep"""
     sweep_seeds: int = 3
     """seeds 1..S per (algorithm, N)"""
+    sweep_lrs: tuple[str, ...] = ("1e-2", "table4")
+    """learning-rate settings of the sweep (see LR_SETTINGS): 1e-2 for both networks, or Table 4's rates"""
     workers: int = 0
     """parallel processes for the sweep (0: one per CPU core)"""
     out_dir: str = "runs/bitflip_sweep"
@@ -384,39 +388,63 @@ def train(args: Args) -> dict:
 # ----------------------------------------------------------------------------
 
 
+# (actor lr, critic lr) of the sweep's settings: the paper gives none for BitFlip (see Args.actor_lr).
+LR_SETTINGS = {"1e-2": (1e-2, 1e-2), "table4": (1e-4, 5e-4)}
+SWEEP_KEYS = ["lrs", "algo", "n_bits", "seed", "eval_return", "eval_return_sampled", "train_return",
+              "optimal_return", "seconds"]
+
+
 def _train_one_thread(args: Args) -> dict:
     torch.set_num_threads(1)  # one process per core
     return train(args)
 
 
 def sweep(args: Args) -> list[dict]:
-    """Both algorithms over N and seeds; writes a CSV, a PNG and prints a table."""
+    """Both algorithms over N, seeds and learning-rate settings; writes a CSV, a PNG and prints a table.
+    Rows already in the CSV are kept and not run again, so a stopped sweep resumes."""
     check_args(args)
-    grid = [replace(args, algo=algo, n_bits=n, seed=seed, sweep=False, track=False)
-            for n in args.sweep_n_bits for seed in range(1, args.sweep_seeds + 1) for algo in ("awr", "qwr")]
-    workers = args.workers or os.cpu_count() or 1
-    print(f"{len(grid)} runs on {workers} processes")
-    start, rows = time.time(), []
-    with ProcessPoolExecutor(workers) as pool:
-        for i, m in enumerate(pool.map(_train_one_thread, grid)):
-            rows.append(m)
-            print(f"[{i + 1}/{len(grid)}] {m['algo']} N={m['n_bits']} seed={m['seed']}: "
-                  f"return {m['eval_return']:.1f} ({m['seconds']:.1f} s)", flush=True)
+    unknown = set(args.sweep_lrs) - set(LR_SETTINGS)
+    if unknown:
+        raise UsageError(f"--sweep-lrs: unknown setting(s) {sorted(unknown)}; choose from {list(LR_SETTINGS)}")
+    path = os.path.join(args.out_dir, "bitflip_sweep.csv")
     os.makedirs(args.out_dir, exist_ok=True)
-    keys = ["algo", "n_bits", "seed", "eval_return", "eval_return_sampled", "train_return", "optimal_return", "seconds"]
-    with open(os.path.join(args.out_dir, "bitflip_sweep.csv"), "w") as f:
-        f.write(",".join(keys) + "\n")
-        f.writelines(",".join(str(m[k]) for k in keys) + "\n" for m in rows)
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [dict(r, n_bits=int(r["n_bits"]), seed=int(r["seed"]),
+                         **{k: float(r[k]) for k in ("eval_return", "eval_return_sampled", "seconds")})
+                    for r in csv.DictReader(f)]
+    else:
+        with open(path, "w") as f:
+            f.write(",".join(SWEEP_KEYS) + "\n")
+    done = {(r["lrs"], r["algo"], r["n_bits"], r["seed"]) for r in rows}
+    grid = [(lrs, replace(args, algo=algo, n_bits=n, seed=seed, actor_lr=LR_SETTINGS[lrs][0],
+                          critic_lr=LR_SETTINGS[lrs][1], sweep=False, track=False))
+            for lrs in args.sweep_lrs for n in args.sweep_n_bits for seed in range(1, args.sweep_seeds + 1)
+            for algo in ("awr", "qwr") if (lrs, algo, n, seed) not in done]
+    workers = args.workers or os.cpu_count() or 1
+    print(f"{len(grid)} runs on {workers} processes ({len(rows)} done already in {path})")
+    start = time.time()
+    with ProcessPoolExecutor(workers) as pool:
+        for i, ((lrs, _), m) in enumerate(zip(grid, pool.map(_train_one_thread, [g for _, g in grid]))):
+            rows.append(m | dict(lrs=lrs))
+            with open(path, "a") as f:  # one row per finished run
+                f.write(",".join(str(rows[-1][k]) for k in SWEEP_KEYS) + "\n")
+            print(f"[{i + 1}/{len(grid)}] lr {lrs} {m['algo']} N={m['n_bits']} seed={m['seed']}: return "
+                  f"{m['eval_return']:.1f} greedy, {m['eval_return_sampled']:.1f} sampled ({m['seconds']:.1f} s)",
+                  flush=True)
 
-    def stats(algo, n, key="eval_return"):
-        return np.array([m[key] for m in rows if m["algo"] == algo and m["n_bits"] == n])
+    def stats(lrs, algo, n, key):
+        return np.array([m[key] for m in rows if (m["lrs"], m["algo"], m["n_bits"]) == (lrs, algo, n)])
 
-    print(f"\nmean return of {args.eval_episodes} greedy games after {args.iterations} iterations, "
-          f"mean [min, max] over {args.sweep_seeds} seeds ({(time.time() - start) / 60:.1f} min)")
-    print("| N | optimum | AWR | QWR |\n|---|---|---|---|")
+    print(f"\nmean return of {args.eval_episodes} games after {args.iterations} iterations, greedy / sampled, "
+          f"mean over {args.sweep_seeds} seeds ({(time.time() - start) / 60:.1f} min)")
+    print("| N | optimum | " + " | ".join(f"{a} (lr {lrs})" for lrs in args.sweep_lrs for a in ("AWR", "QWR"))
+          + " |\n" + "|---" * (2 + 2 * len(args.sweep_lrs)) + "|")
     for n in args.sweep_n_bits:
-        cells = [f"{stats(a, n).mean():.1f} [{stats(a, n).min():.1f}, {stats(a, n).max():.1f}]" for a in ("awr", "qwr")]
-        print(f"| {n} | {optimal_return(n)} | {cells[0]} | {cells[1]} |")
+        cells = [f"{stats(lrs, a, n, 'eval_return').mean():.1f} / {stats(lrs, a, n, 'eval_return_sampled').mean():.1f}"
+                 for lrs in args.sweep_lrs for a in ("awr", "qwr")]
+        print(f"| {n} | {optimal_return(n)} | " + " | ".join(cells) + " |")
 
     import matplotlib
 
@@ -424,17 +452,22 @@ def sweep(args: Args) -> list[dict]:
     import matplotlib.pyplot as plt
 
     ns = np.array(args.sweep_n_bits)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for algo, color in (("awr", "tab:red"), ("qwr", "tab:blue")):
-        mean, lo, hi = (np.array([f(stats(algo, n)) for n in ns]) for f in (np.mean, np.min, np.max))
-        ax.plot(ns, mean, "o-", color=color, label=algo.upper())
-        ax.fill_between(ns, lo, hi, color=color, alpha=0.2)
-    ax.plot(ns, [optimal_return(n) for n in ns], "k--", lw=1, label="optimum")
-    ax.set(xlabel="N (bits)", ylabel="mean return", title=f"BitFlip, {args.sweep_seeds} seeds (band: min-max)")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(args.sweep_lrs), figsize=(5 * len(args.sweep_lrs), 4), sharey=True, squeeze=False)
+    for ax, lrs in zip(axes[0], args.sweep_lrs):
+        for algo, color in (("awr", "tab:red"), ("qwr", "tab:blue")):
+            for key, style, label in (("eval_return", "o-", "greedy"), ("eval_return_sampled", "s:", "sampled")):
+                mean, lo, hi = (np.array([f(stats(lrs, algo, n, key)) for n in ns]) for f in (np.mean, np.min, np.max))
+                ax.plot(ns, mean, style, color=color, label=f"{algo.upper()} {label}")
+                if key == "eval_return":
+                    ax.fill_between(ns, lo, hi, color=color, alpha=0.2)
+        ax.plot(ns, [optimal_return(n) for n in ns], "k--", lw=1, label="optimum")
+        actor_lr, critic_lr = LR_SETTINGS[lrs]
+        ax.set(xlabel="N (bits)", ylabel="mean return", title=f"actor lr {actor_lr:g}, critic lr {critic_lr:g}")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"BitFlip, {args.sweep_seeds} seeds (band: min-max of greedy)")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "bitflip_sweep.png"), dpi=120)
-    print(f"wrote {args.out_dir}/bitflip_sweep.csv and .png")
+    print(f"wrote {path} and bitflip_sweep.png")
     return rows
 
 

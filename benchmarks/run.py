@@ -125,6 +125,8 @@ def launch(run: dict, threads: int) -> tuple[str, int, float]:
     work.mkdir(parents=True, exist_ok=True)
     args = list(run["args"])
     checkpoints = sorted(work.glob("runs/*/*.pt"))
+    if run["script"] == "bitflip.py":
+        args += ["--workers", str(threads)]  # its sweep's processes, one thread each
     if run["script"] in RESUMABLE:
         args.append("--save-model")
         if checkpoints:
@@ -191,6 +193,7 @@ def main() -> None:
     parser.add_argument("--envs", nargs="+", help="only these env ids (or dataset ids)")
     parser.add_argument("--methods", nargs="+", help="only these methods, e.g. QWR-LSE AWR")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: CPU cores / jobs)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and what is done, run nothing")
     parser.add_argument("--adopt", type=Path, help="take in the finished runs of a runs/ directory made by hand "
                                                    "(same machine), instead of running a grid")
@@ -216,7 +219,7 @@ def main() -> None:
     if a.dry_run or not todo:
         return
     jobs = max(1, min(a.jobs, len(todo)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
     print(f"running {len(todo)} on {jobs} processes ({threads} torch threads each), working in {WORK}")
     failed = 0
     with ThreadPoolExecutor(jobs) as pool:

@@ -2,6 +2,7 @@
 small tabular problems solved exactly (qwr.md Sections 2.2-2.3, Appendix 6.2-6.3)."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -237,20 +238,27 @@ def test_the_failure_numerically_on_bitflip():
 # ---------------------------------------------------------------- runs
 
 
-def test_smoke_run_and_tiny_sweep(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["qwr", "awr"])
+def test_both_learn_bitflip6_in_a_second(algo, monkeypatch, tmp_path):
+    # BitFlip(6): the optimum is 5, the untrained policy scores about 1 greedy and 2.2 sampled
+    # (measured with --actor-steps 0 on seeds 1-3); 600 interactions of training reach 4-5 and 3.8-4.2.
     monkeypatch.chdir(tmp_path)
-    for algo in ("qwr", "awr"):
-        m = bf.train(bf.Args(algo=algo, n_bits=6, iterations=2, steps_per_iteration=100, critic_steps=5,
-                             actor_steps=5, batch_size=32, hidden=16))
-        for key in ("eval_return", "eval_return_sampled", "critic_loss", "actor_loss"):
-            assert math.isfinite(m[key]), key
-        assert -5 <= m["eval_return"] <= 5
+    m = bf.train(bf.Args(algo=algo, n_bits=6, iterations=3, steps_per_iteration=200, critic_steps=50, actor_steps=50,
+                         batch_size=64, hidden=64, eval_episodes=50))
+    assert m["eval_return"] >= 3.5 and m["eval_return_sampled"] >= 3.0, m
+
+
+def test_tiny_sweep_at_both_learning_rates_resumes_from_its_csv(tmp_path):
     args = bf.Args(sweep=True, sweep_n_bits=(2, 7), sweep_seeds=1, iterations=1, steps_per_iteration=50,
-                   critic_steps=2, actor_steps=2, batch_size=8, hidden=8, workers=1, out_dir=str(tmp_path / "s"))
+                   critic_steps=2, actor_steps=2, batch_size=8, hidden=8, workers=1, out_dir=str(tmp_path / "s"),
+                   sweep_lrs=("table4",))
     rows = bf.sweep(args)
     assert len(rows) == 4 and (tmp_path / "s" / "bitflip_sweep.png").stat().st_size > 1000
+    rows = bf.sweep(replace(args, sweep_lrs=("1e-2", "table4")))  # runs only the 1e-2 half
     lines = (tmp_path / "s" / "bitflip_sweep.csv").read_text().splitlines()
-    assert lines[0].startswith("algo,n_bits,seed,eval_return") and len(lines) == 5
+    assert lines[0].startswith("lrs,algo,n_bits,seed,eval_return,eval_return_sampled") and len(lines) == 9
+    assert sorted(line.split(",")[0] for line in lines[1:]) == ["1e-2"] * 4 + ["table4"] * 4
+    assert len(rows) == 8
 
 
 def test_bad_input_is_a_usage_error():
