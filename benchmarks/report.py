@@ -87,17 +87,23 @@ def read_run(path: Path) -> dict | None:
     if offline_dataset(hp):
         per_iteration = int(hp.get("critic_steps", 1))
         curve, total = [(s * per_iteration, v) for s, v in curve], int(hp["offline_iterations"]) * per_iteration
-    final = {tag: ea.Scalars(tag)[-1].value for tag in ("charts/normalized_score", "charts/dataset_return")
-             if tag in tags["scalars"]}
-    scalars = [e for tag in tags["scalars"] for e in ea.Scalars(tag)]
+    final = {tag: ea.Scalars(tag)[-1].value for tag in ("charts/normalized_score", "charts/dataset_return",
+                                                         "charts/eval_return_sampled") if tag in tags["scalars"]}
+    # The stochastic policy's returns while it trained, over the last tenth of the run.
+    train = [e.value for e in ea.Scalars("charts/episodic_return")] if "charts/episodic_return" in tags["scalars"] else []
+    train_steps = [e.step for e in ea.Scalars("charts/episodic_return")] if train else []
+    late = [v for s, v in zip(train_steps, train) if s > 0.9 * total]
+    # Wall time: a gap of over 30 minutes with nothing logged is a run stopped and resumed later, not counted.
+    times = np.sort([e.wall_time for tag in tags["scalars"] for e in ea.Scalars(tag)])
+    gaps = np.diff(times)
     sps = ea.Scalars("charts/SPS")[-1].value if "charts/SPS" in tags["scalars"] else float("nan")
     return dict(
         grid=grid_of(hp), method=method_of(hp),
         env=hp.get("dataset_id") or offline_dataset(hp) or hp.get("env_id", "?"),
         seed=int(hp.get("seed", 0)), total=total, hp=hp, curve=curve, sps=sps, path=path,
-        wall_minutes=(max(e.wall_time for e in scalars) - min(e.wall_time for e in scalars)) / 60,
-        finished=curve[-1][0] >= total, score=final.get("charts/normalized_score"),
-        dataset_return=final.get("charts/dataset_return"),
+        wall_minutes=gaps[gaps < 1800].sum() / 60, finished=curve[-1][0] >= total,
+        score=final.get("charts/normalized_score"), dataset_return=final.get("charts/dataset_return"),
+        sampled=final.get("charts/eval_return_sampled"), late_train_return=float(np.mean(late)) if late else None,
     )
 
 
@@ -119,12 +125,50 @@ def median_iqr(x) -> str:
     return f"{med:.0f} ± {(q3 - q1) / 2:.0f}" if len(x) > 1 else f"{med:.0f}"
 
 
+REFERENCE_GRIDS = ("qwr-table1", "qwr-table3", "iq")  # MuJoCo grids: their tables get the two policies below
+REFERENCES = ("zero action", "uniform random")
+
+
+def reference_returns(env_id: str, episodes: int = 10) -> dict:
+    """Mean return over `episodes` episodes of the policy that always outputs the zero action and of the
+    uniformly random one (seeds 0..episodes-1): what a score must beat to mean anything. Cached in
+    results/reference_returns.csv, so each env is played once."""
+    import gymnasium as gym
+
+    path = RESULTS / "reference_returns.csv"
+    rows = list(csv.DictReader(open(path))) if path.is_file() else []
+    found = {r["policy"]: float(r["mean_return"]) for r in rows if r["env"] == env_id}
+    if len(found) == len(REFERENCES):
+        return found
+    env = gym.make(env_id)
+    env.action_space.seed(0)
+    for policy in REFERENCES:
+        returns = []
+        for episode in range(episodes):
+            env.reset(seed=episode)
+            total, done = 0.0, False
+            while not done:
+                action = np.zeros(env.action_space.shape) if policy == "zero action" else env.action_space.sample()
+                _, reward, terminated, truncated, _ = env.step(action)
+                total, done = total + float(reward), terminated or truncated
+            returns.append(total)
+        found[policy] = float(np.mean(returns))
+        rows.append(dict(env=env_id, policy=policy, episodes=episodes, mean_return=f"{found[policy]:.1f}",
+                         std_return=f"{np.std(returns):.1f}"))
+    env.close()
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["env", "policy", "episodes", "mean_return", "std_return"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return found
+
+
 def paper_numbers() -> dict:
     with open(ROOT / "benchmarks" / "paper_results.csv") as f:
         return {(r["grid"], r["method"], r["env"]): r for r in csv.DictReader(f)}
 
 
-def plot_grid(grid: str, runs: list[dict], out: Path) -> None:
+def plot_grid(grid: str, runs: list[dict], out: Path, paper: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +187,14 @@ def plot_grid(grid: str, runs: list[dict], out: Path) -> None:
             line = ax.plot(steps, np.median(y, 0), "o-", ms=3, label=f"{method} ({len(curves)} seeds)")[0]
             if len(curves) > 1:
                 ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+            p = paper.get((grid, method, env))
+            if p and p["score"]:  # the paper's median (and spread) where the paper reports it: at the budget
+                total = max(r["total"] for r in runs if r["env"] == env and r["method"] == method)
+                ax.errorbar([total], [float(p["score"])], yerr=[float(p["spread"] or 0)], fmt="*", ms=11, capsize=3,
+                            color=line.get_color(), label=f"{method}, paper")
+        if grid in REFERENCE_GRIDS:
+            for policy, style in zip(REFERENCES, ("--", ":")):
+                ax.axhline(reference_returns(env)[policy], ls=style, lw=1, color="grey", label=policy)
         ax.set(title=env, xlabel="Q-network updates" if offline else "environment steps", ylabel="eval return")
         if offline:
             data = [r["dataset_return"] for r in runs if r["env"] == env and r["dataset_return"] is not None]
@@ -192,6 +244,27 @@ def bitflip_section(prefix: str) -> list[str]:
     return out + ["", f"![BitFlip sweep]({prefix}bitflip/bitflip_sweep.png)", ""]
 
 
+def table_row(grid: str, method: str, env: str, grid_runs: list[dict], paper: dict) -> str:
+    runs = [r for r in grid_runs if r["method"] == method and r["env"] == env]
+    done = sorted((r for r in runs if r["finished"]), key=lambda r: r["seed"])
+    running = len(runs) - len(done)
+    ours = median_iqr([r["curve"][-1][1] for r in done]) if done else "–"
+    if done and all(r["score"] is not None for r in done):
+        ours += f" (score {np.median([r['score'] for r in done]):.1f})"
+    sampled = median_iqr([r["sampled"] for r in done]) if done and all(r["sampled"] is not None for r in done) else "–"
+    each = ", ".join(f"{r['curve'][-1][1]:.0f}" for r in done) or "–"
+    late = [r["late_train_return"] for r in done if r["late_train_return"] is not None]
+    train = median_iqr(late) if done and len(late) == len(done) else "–"
+    seeds = f"{len(done)}" + (f" (+{running} running)" if running else "")
+    p = paper.get((grid, method, env))
+    theirs = (f"{p['score']} ± {p['spread']}" if p and p["spread"] else p["score"] if p else "–")
+    if grid == "emaq" and done and done[0]["dataset_return"] is not None:
+        theirs = f"{done[0]['dataset_return']:.0f}"
+    wall = f"{np.median([r['wall_minutes'] for r in done]):.0f} min" if done else "–"
+    sps = f"{np.median([r['sps'] for r in done]):.0f}" if done and grid != "emaq" else "–"
+    return f"| {method} | {env} | {ours} | {sampled} | {each} | {train} | {seeds} | {theirs} | {wall} | {sps} |"
+
+
 def report(prefix: str) -> str:
     """The whole report as markdown; image paths start with prefix."""
     runs = collect_runs(RESULTS / "runs")
@@ -206,25 +279,18 @@ def report(prefix: str) -> str:
         grid_runs = [r for r in runs if r["grid"] == grid]
         offline = grid == "emaq"  # compared with the dataset, not a paper's number
         lines += [f"### {GRID_TITLES.get(grid, grid)}", "",
-                  f"| method | {'dataset' if offline else 'env'} | ours: final eval return | seeds | "
+                  f"| method | {'dataset' if offline else 'env'} | ours: final eval return, deterministic | "
+                  f"sampled | each seed | training return, last 10% | seeds | "
                   f"{'dataset: mean episode return' if offline else 'paper'} | wall time per run | SPS |",
-                  "|---|---|---|---|---|---|---|"]
-        for method, env in sorted({(r["method"], r["env"]) for r in grid_runs}):
-            done = [r for r in grid_runs if r["method"] == method and r["env"] == env and r["finished"]]
-            running = [r for r in grid_runs if r["method"] == method and r["env"] == env and not r["finished"]]
-            ours = median_iqr([r["curve"][-1][1] for r in done]) if done else "–"
-            if done and all(r["score"] is not None for r in done):
-                ours += f" (score {np.median([r['score'] for r in done]):.1f})"
-            seeds = f"{len(done)}" + (f" (+{len(running)} running)" if running else "")
-            p = paper.get((grid, method, env))
-            theirs = (f"{p['score']} ± {p['spread']}" if p and p["spread"] else p["score"] if p else "–")
-            if offline and done and done[0]["dataset_return"] is not None:
-                theirs = f"{done[0]['dataset_return']:.0f}"
-            wall = f"{np.median([r['wall_minutes'] for r in done]):.0f} min" if done else "–"
-            sps = f"{np.median([r['sps'] for r in done]):.0f}" if done and not offline else "–"
-            lines.append(f"| {method} | {env} | {ours} | {seeds} | {theirs} | {wall} | {sps} |")
+                  "|---" * 10 + "|"]
+        for env in sorted({r["env"] for r in grid_runs}):
+            for method in sorted({r["method"] for r in grid_runs if r["env"] == env}):
+                lines.append(table_row(grid, method, env, grid_runs, paper))
+            if grid in REFERENCE_GRIDS:
+                for policy, value in reference_returns(env).items():
+                    lines.append(f"| {policy} (10 episodes) | {env} | {value:.0f} | | | | | | | |")
         png = f"{grid}.png"
-        plot_grid(grid, grid_runs, RESULTS / png)
+        plot_grid(grid, grid_runs, RESULTS / png, paper)
         lines += ["", f"![{grid} learning curves]({prefix}{png})", ""]
     lines += bitflip_section(prefix)
     not_run = sorted(set(GRID_TITLES) - {r["grid"] for r in runs})

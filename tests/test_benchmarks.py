@@ -79,8 +79,31 @@ def test_offline_runs_are_named_by_their_dataset_counted_in_updates_and_compared
     assert qwr["curve"] == [(10_000, 400.0), (30_000, 500.0)]  # iterations of 1000 critic updates
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = report.report("")
-    assert "| QWR-LSE offline | local/hopper/x-v0 | 500 (score 16.0) | 1 | 444 |" in text
-    assert "| EMaQ N=10 (Q 256, mu 256 units, 1000 updates) | local/hopper/x-v0 | – | 0 (+1 running) | – |" in text
+    assert "| QWR-LSE offline | local/hopper/x-v0 | 500 (score 16.0) | – | 500 | – | 1 | 444 |" in text
+    assert "| EMaQ N=10 (Q 256, mu 256 units, 1000 updates) | local/hopper/x-v0 | – | – | – | – | 0 (+1 running) | – |" in text
+
+
+def test_table1_rows_give_each_seed_the_sampled_policy_and_the_reference_policies(tmp_path, monkeypatch):
+    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Pendulum-v1", total_timesteps=100_000)
+    for seed, final in ((1, 300.0), (2, 100.0), (3, 200.0)):
+        fake_run(tmp_path / "runs", f"r{seed}", hp | dict(seed=seed), [(50_000, 0.0), (100_000, final)],
+                 eval_return_sampled=final / 2, episodic_return=final / 4)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.report("")
+    assert "| QWR-LSE | Pendulum-v1 | 200 ± 50 | 100 ± 25 | 300, 100, 200 | 50 ± 12 | 3 | – |" in text
+    # Pendulum's zero action, played by hand: the pendulum starts at rest and swings freely.
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    total = 0.0
+    for episode in range(10):
+        env.reset(seed=episode)
+        for _ in range(200):
+            total += env.step([0.0])[1]
+    assert f"| zero action (10 episodes) | Pendulum-v1 | {total / 10:.0f} |" in text
+    assert "| uniform random (10 episodes) | Pendulum-v1 |" in text
+    monkeypatch.setattr(gym, "make", None)  # the second report reads the cached returns
+    assert report.report("") == text
 
 
 def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypatch):
