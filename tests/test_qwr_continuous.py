@@ -83,3 +83,95 @@ def test_obs_normalizer_matches_numpy_and_freezes_at_its_limit():
         norm.update(chunk)
     assert norm.count.item() == 350
     assert torch.allclose(norm.mean, x[:350].mean(0)) and torch.allclose(norm.var, x[:350].var(0, correction=0))
+
+
+# ------------------------------------------------------------ the two update steps, wired to stub networks
+
+
+class LinearQ(torch.nn.Module):
+    """Q(s, a) = w * sum(a), in return units; the real critic's output scale is 10 here."""
+
+    out_scale = 10.0
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, obs, actions):
+        return self.w * actions.sum(-1)
+
+
+class AddOne:
+    """An 'optimiser' whose step adds 1 to a network's w: the online critic is w = 1, 2, 3, ... at steps 0, 1, 2."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        with torch.no_grad():
+            self.net.w += 1
+
+
+def stored_steps(n, action, mu_mean, mu_std, next_mu_mean, reward=1.0):
+    """A one-env buffer of n identical, non-terminal steps."""
+    buf = qwr.ReplayBuffer(n, 1, 1, 1, "cpu")
+    full = lambda v: torch.full((n, 1, 1), float(v))
+    buf.add(dict(obs=full(0), next_obs=full(0), action=full(action), mu_mean=full(mu_mean), mu_std=full(mu_std),
+                 next_mu_mean=full(next_mu_mean), reward=torch.full((n, 1), reward),
+                 terminated=torch.zeros(n, 1, dtype=torch.bool), episode_end=torch.zeros(n, 1, dtype=torch.bool)))
+    return buf
+
+
+BOUNDS = (torch.tensor([-1.0]), torch.tensor([1.0]))
+
+
+def test_critic_bootstraps_from_the_target_network_at_mu_of_the_next_state():
+    # mu at s is centred on -5, mu at s' on +5 (std ~0): every a' ~ mu(.|s') is +5, clipped to the bound 1.
+    # The executed action 3 is clipped to 1 too. 1-step targets, mean backup, gamma 0.5, reward 1.
+    buf = stored_steps(8, action=3.0, mu_mean=-5.0, mu_std=1e-6, next_mu_mean=5.0)
+    args = qwr.Args(critic_steps=3, target_update_every=2, batch_size=4, n_steps=1, backup="mean", gamma=0.5)
+    critic = LinearQ(1.0)
+    target = LinearQ(-100.0)  # whatever it holds, it is a copy of the critic from step 0 on
+    metrics = qwr.train_critic(args, buf, critic, target, AddOne(critic), qwr.ObsNormalizer(1, 0), BOUNDS)
+    # Online w = 1, 2, 3 at steps 0, 1, 2; the target copies it at steps 0 and 2: w_bar = 1, 1, 3.
+    q = [1.0 * 1, 2.0 * 1, 3.0 * 1]  # Q(s, clip(3)) = w
+    y = [1 + 0.5 * 1 * 1, 1 + 0.5 * 1 * 1, 1 + 0.5 * 3 * 1]  # r + gamma * w_bar * clip(+5)
+    assert metrics["q_mean"] == pytest.approx(np.mean(q))
+    assert metrics["target_mean"] == pytest.approx(np.mean(y), rel=1e-5)  # online net: y = 1.5, 2, 2.5
+    # The loss is in the network's own units, (q - y) / out_scale, not in returns.
+    assert metrics["critic_loss"] == pytest.approx(np.mean([((a - b) / 10) ** 2 for a, b in zip(q, y)]), rel=1e-4)
+    assert target.w.item() == 3.0
+
+
+class IndexQ(torch.nn.Module):
+    """Q(s, a_j) = j for the j-th of the k sampled actions, whatever they are."""
+
+    def forward(self, obs, actions):
+        return torch.arange(actions.shape[-2], dtype=torch.float32).expand(actions.shape[:-1])
+
+
+class ConstantActor(torch.nn.Module):
+    def __init__(self, mean: float):
+        super().__init__()
+        self.mean = torch.nn.Parameter(torch.tensor([mean]))
+
+    def forward(self, obs):
+        return self.mean.expand(obs.shape[:-1] + (1,))
+
+
+def test_actor_regresses_on_unclipped_actions_of_the_stored_mu_weighted_by_advantage():
+    # The stored mu is centred on 1.5, beyond the bound 1 (std 0: every sampled action is 1.5);
+    # the current policy's mean is 0.2. The actor's std is 0.4.
+    buf = stored_steps(8, action=0.0, mu_mean=1.5, mu_std=0.0, next_mu_mean=0.0)
+    args = qwr.Args(actor_steps=1, batch_size=4, n_samples=4, beta=1.0, max_weight=20.0, action_std=0.4)
+    actor = ConstantActor(0.2)
+    optimiser = torch.optim.SGD(actor.parameters(), lr=0.0)
+    metrics = qwr.train_actor(args, buf, actor, IndexQ(), optimiser, qwr.ObsNormalizer(1, 0), BOUNDS)
+    # Q = 0, 1, 2, 3 -> A = -1.5, -0.5, 0.5, 1.5; over the batch mean 0, std sqrt(1.25): w = exp(A / 1.118).
+    w = np.exp(np.array([-1.5, -0.5, 0.5, 1.5]) / np.sqrt(1.25))
+    log_prob = -((1.5 - 0.2) ** 2) / (2 * 0.4**2) - np.log(0.4) - 0.5 * np.log(2 * np.pi)  # at 1.5, not at 1
+    assert metrics["actor_loss"] == pytest.approx(-w.mean() * log_prob, rel=1e-4)
+    assert metrics["clipped_weight_fraction"] == 0.0 and metrics["mean_at_bound_fraction"] == 0.0
