@@ -1,9 +1,10 @@
 """awr_continuous.py: TD(lambda) returns over stored trajectories, advantage
-weights, the replay buffer's order, the normaliser (its runs and errors:
-test_scripts.py)."""
+weights, the replay buffer's order, collection's true final observations, the
+normaliser (its runs and errors: test_scripts.py)."""
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -119,3 +120,53 @@ def test_authors_per_env_settings():
         assert awr.authors_setting(env_id.replace("-v2", "-v4")) == dict(actor_lr=lr, action_std=std), env_id
     assert awr.authors_setting("Hopper-v5")["actor_lr"] == 1e-4
     assert awr.authors_setting("Pendulum-v1") == dict(actor_lr=5e-5, action_std=0.2)  # AWRAgent's defaults
+
+
+class Ticker(gym.Env):
+    """A scripted env whose observation counts: [1000 k + 100 episode + t] at
+    step t of an episode, k the seed of its first reset (the vector env seeds
+    env k with seed + k). Env 0 terminates at t = 3; the time limit of 4 steps
+    truncates env 1's episodes. The reward is t."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, render_mode=None):
+        self.k, self.episode, self.t = None, -1, 0
+
+    def _obs(self):
+        return np.array([1000 * self.k + 100 * self.episode + self.t], dtype=np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        if self.k is None:
+            self.k = seed
+        self.episode, self.t = self.episode + 1, 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(self.t), self.k == 0 and self.t == 3, False, {}
+
+
+gym.register("tests/AwrTicker-v0", entry_point=Ticker, max_episode_steps=4)
+
+
+def test_collect_stores_the_true_final_observation_at_episode_ends():
+    envs = awr.make_vec_env("tests/AwrTicker-v0", 2)
+    obs, _ = envs.reset(seed=0)
+    rollout, last_obs, episodes = awr.collect(envs, obs, 10, awr.Actor(1, 1), awr.ObsNormalizer(1, 100), 0.4, "cpu")
+    envs.close()
+    s, s_next = rollout["obs"][..., 0].T.tolist(), rollout["next_obs"][..., 0].T.tolist()
+    # Env 0 terminates after 3 steps: its final observations are 3, 103, 203, then a reset (100, 200, 300).
+    assert s[0] == [0, 1, 2, 100, 101, 102, 200, 201, 202, 300]
+    assert s_next[0] == [1, 2, 3, 101, 102, 103, 201, 202, 203, 301]  # not 100, 200, 300 (the resets)
+    # Env 1 is truncated after 4 steps: 1004 and 1104 are the states a truncation bootstraps from.
+    assert s[1] == [1000, 1001, 1002, 1003, 1100, 1101, 1102, 1103, 1200, 1201]
+    assert s_next[1] == [1001, 1002, 1003, 1004, 1101, 1102, 1103, 1104, 1201, 1202]  # not 1100, 1200
+    assert rollout["terminated"].T.nonzero().tolist() == [[0, 2], [0, 5], [0, 8]]
+    assert rollout["episode_end"].T.nonzero().tolist() == [[0, 2], [0, 5], [0, 8], [1, 3], [1, 7]]
+    assert rollout["reward"].T.tolist() == [[1, 2, 3] * 3 + [1], [1, 2, 3, 4] * 2 + [1, 2]]
+    # Collection goes on from the reset states, and reports each ended episode (return, length).
+    assert last_obs[:, 0].tolist() == [301, 1202]
+    assert episodes == [(6.0, 3), (10.0, 4), (6.0, 3), (10.0, 4), (6.0, 3)]

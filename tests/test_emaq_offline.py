@@ -54,21 +54,104 @@ def test_samples_follow_the_bin_probabilities_uniformly_within_bins():
     assert (a[:, 1] >= 3.0).float().mean().item() > 0.99 and a[:, 1].max() <= 4.0
 
 
-def test_target_takes_the_best_of_n_under_the_pessimistic_ensemble():
-    class FakeQ:  # member k values an action a as (k + 1) * a_0
-        def __call__(self, obs, action):
-            return torch.stack([(k + 1) * action[:, 0] for k in range(3)])
+# Two Q-members that disagree about which of mu's three proposals is best:
+# member 0 prefers action 1, member 1 prefers action 0, and neither prefers
+# action 2, the best under the pessimistic combination (their min).
+#   action         0    1    2
+#   member 0       1    5    3
+#   member 1       4    2    3
+#   min            1    2    3   <- lambda = 1: best is action 2, value 3
+#   max            4    5    3   <- lambda = 0: best is action 1, value 5
+#   .5 min + .5 max  2.5  3.5  3 <- lambda = .5: best is action 1, value 3.5
+# Combining after the max over actions gives other numbers: the members'
+# own bests are 5 and 4, so min = 4 (not 3) and .5 * 4 + .5 * 5 = 4.5 (not 3.5).
+Q_TABLE = torch.tensor([[1.0, 5.0, 3.0], [4.0, 2.0, 3.0]])
 
-    class FakeMu:  # proposes actions -1, 0, 2 for every state
-        def sample(self, obs, n):
-            return torch.tensor([[-1.0], [0.0], [2.0]]).expand(len(obs), n, 1)
 
-    batch = dict(next_obs=torch.zeros(2, 1), reward=torch.tensor([1.0, 1.0]), terminated=torch.tensor([False, True]))
-    # lambda = 1: min over members -> (-3, 0, 2); best of the three = 2.
-    y = emaq.emaq_target(batch, FakeMu(), FakeQ(), 3, 1.0, 0.5)
-    assert y.tolist() == [1.0 + 0.5 * 2.0, 1.0]
-    # lambda = 0: max over members -> (-1, 0, 6).
-    assert emaq.emaq_target(batch, FakeMu(), FakeQ(), 3, 0.0, 0.5)[0].item() == 1.0 + 0.5 * 6.0
+class DisagreeingQ:
+    """Member k values (s, a) as Q_TABLE[k, a] + s_0: the state shifts every value alike."""
+
+    def __call__(self, obs, action):
+        return Q_TABLE[:, action[:, 0].long()] + obs[:, 0]
+
+
+class ProposeInOrder:
+    """mu proposes actions 0, 1, 2 in every state, except that a state whose
+    first feature is negative gets them in reverse order 2, 1, 0."""
+
+    def sample(self, obs, n):
+        assert n == 3
+        forward = torch.tensor([[0.0], [1.0], [2.0]])
+        return torch.stack([forward.flip(0) if o[0] < 0 else forward for o in obs])
+
+
+def test_target_combines_the_members_per_action_then_takes_the_best_of_n():
+    # s' = 0 and s' = 10 (all values + 10); the second transition is terminal.
+    batch = dict(obs=torch.tensor([[-7.0], [-7.0]]), action=torch.zeros(2, 1), next_obs=torch.tensor([[0.0], [10.0]]),
+                 reward=torch.tensor([1.0, 1.0]), terminated=torch.tensor([False, True]))
+    target = lambda lam: emaq.emaq_target(batch, ProposeInOrder(), DisagreeingQ(), 3, lam, 0.5).tolist()
+    # lambda = 1: max(min) = 3 at s' = 0, so 1 + 0.5 * 3 (combining after the max would give 1 + 0.5 * 4).
+    assert target(1.0) == [1.0 + 0.5 * 3.0, 1.0]
+    # lambda = .5: max(2.5, 3.5, 3) = 3.5 (combining after the max: 4.5).
+    assert target(0.5) == [1.0 + 0.5 * 3.5, 1.0]
+    # lambda = 0: max(max) = 5, the one case where the order does not matter.
+    assert target(0.0) == [1.0 + 0.5 * 5.0, 1.0]
+    # Q is read at s', not s (-7): at s' = 10 the same proposals are worth 10 more.
+    batch["terminated"] = torch.tensor([False, False])
+    assert target(1.0) == [1.0 + 0.5 * 3.0, 1.0 + 0.5 * (10.0 + 3.0)]
+
+
+def test_act_picks_the_best_proposal_under_the_combined_ensemble():
+    # State 0 gets the proposals in order 0, 1, 2, state 1 (first feature < 0) in order 2, 1, 0,
+    # so the best action sits at index 2 in one state and at index 0 in the other.
+    obs = torch.tensor([[0.0], [-1.0]])
+    act = lambda lam: emaq.act(obs, ProposeInOrder(), DisagreeingQ(), 3, lam)
+    # lambda = 1 (the default): the min is (1, 2, 3), so action 2 in both states. Member 0
+    # alone would pick action 1, member 1 alone action 0, the max or the mean action 1.
+    assert act(1.0).tolist() == [[2.0], [2.0]]
+    # lambda = 0: the max is (4, 5, 3), so action 1; min-only code would still pick 2.
+    assert act(0.0).tolist() == [[1.0], [1.0]]
+
+
+def test_sampling_conditions_each_dimension_on_the_earlier_ones_drawn_for_the_same_sample():
+    # Three dimensions over [-1, 1] in 4 bins of 0.5. Hand-set heads, independent of the state:
+    #   dimension 0 draws bin 0 or bin 3, 50/50, so a_0 lies in [-1, -.5) or [.5, 1];
+    #   dimension 1 copies the sign of a_0: logits C * relu(-a_0) for bin 0, C * relu(a_0) for bin 3;
+    #   dimension 2 flips the sign of a_1:  logits C * relu(a_1) for bin 0, C * relu(-a_1) for bin 3.
+    # |a| >= .5 keeps every logit gap >= C / 2 = 20, so the copies are exact (odds e^-20).
+    # Bins 1 and 2 get a bias of -30 throughout.
+    model = emaq.AutoregressiveBehavior(obs_dim=3, low=-np.ones(3), high=np.ones(3), n_bins=4, embed=8, hidden=8)
+    first, w2, w3, last = model.heads[0], model.heads[2], model.heads[4], model.heads[6]
+    a = lambda j: 8 + j  # the input column of a_j, after the 8 of the state embedding
+    C = 40.0
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.zero_()
+        for i in range(3):
+            w2.weight[i, 0, 0] = w2.weight[i, 1, 1] = w3.weight[i, 0, 0] = w3.weight[i, 1, 1] = 1.0  # pass units 0, 1
+            last.bias[i, 0, 1:3] = -30.0
+            # a_i and the later dimensions must never be seen: weight them heavily into both units.
+            first.weight[i, [a(j) for j in range(i, 3)], :2] = 7.0
+        first.weight[1, a(0), 0], first.weight[1, a(0), 1] = 1.0, -1.0  # unit 0 = relu(a_0), unit 1 = relu(-a_0)
+        last.weight[0, 0, 3] = C  # dimension 0 reads unit 0 too, which only the forbidden inputs feed
+        last.weight[1, 1, 0], last.weight[1, 0, 3] = C, C  # bin 0 <- relu(-a_0), bin 3 <- relu(a_0)
+        first.weight[2, a(1), 0], first.weight[2, a(1), 1] = 1.0, -1.0  # the same of a_1
+        last.weight[2, 0, 0], last.weight[2, 1, 3] = C, C  # flipped: bin 0 <- relu(a_1), bin 3 <- relu(-a_1)
+    torch.manual_seed(0)
+    obs = torch.randn(5, 3)
+    samples = model.sample(obs, 200)  # [5 states, 200 samples, 3]
+    bins = model.bins(samples.reshape(-1, 3)).view(5, 200, 3)
+    assert set(bins.unique().tolist()) == {0, 3}
+    # Dimension 0 is a fair coin in every state: both bins in each state's 200 samples.
+    share = (bins[..., 0] == 0).float().mean(1).tolist()
+    assert all(0.35 < f < 0.65 for f in share), share
+    # Each sample's a_1 copies ITS OWN a_0 (not zeros, not another sample's), a_2 flips its a_1.
+    copied = (bins[..., 1] == bins[..., 0]).sum().item()
+    flipped = (bins[..., 2] == 3 - bins[..., 1]).sum().item()
+    assert (copied, flipped) == (1000, 1000), "of 1000 samples, these drew a_1 from their a_0 and a_2 from their a_1"
+    # The teacher-forced logits (what mu is trained with) pick the same bins as sampling did.
+    forced = model.logits(obs.repeat_interleave(200, 0), samples.reshape(-1, 3)).argmax(-1).view(5, 200, 3)
+    assert torch.equal(forced[..., 1:], bins[..., 1:]), "sampling and the teacher-forced logits disagree"
 
 
 def test_a_run_from_a_dataset_made_by_qwr(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """qwr_atari.py: preprocessing, the single-frame replay buffer against the
 stacked observations it replaces, the exact discrete actor loss, the sampled
-backups against their exact expectations, a smoke run and its errors."""
+backups against their exact expectations, the wiring of the critic and actor
+updates (stub networks), a smoke run and its errors."""
 
 import math
 
@@ -146,6 +147,92 @@ def test_lse_backup_lies_between_mean_and_max_and_is_safe_at_zero_scale():
     out = qa.backup_values(same, "lse", 0.3, "mad")
     out.sum().backward()
     assert torch.equal(out, torch.full((2,), 2.0)) and torch.isfinite(same.grad).all()
+
+
+# Wiring of train_critic and train_actor. The networks are stubs: a table of
+# values per (state, action), where an "observation" is just the state's id
+# (s = 0, s' = 1). The buffer always returns one transition s -> s' of one
+# step. The optimisers record the gradient they are handed, from which the
+# tests read what the update regressed on.
+
+
+class TableNet(torch.nn.Module):
+    """values[state id, action]: Q-values for a critic, logits for an actor."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.nn.Parameter(torch.tensor(values))
+        self.out_scale = 1.0  # the critic's loss divides by it
+
+    def forward(self, obs):
+        return self.values[obs[..., 0].long()]
+
+
+class RecordingOptimizer:
+    """Keeps each step's gradient, then adds `shift` to every table entry."""
+
+    def __init__(self, param, shift=0.0):
+        self.param, self.shift, self.grads = param, shift, []
+
+    def zero_grad(self, set_to_none=True):
+        self.param.grad = None
+
+    def step(self):
+        self.grads.append(self.param.grad.clone())
+        with torch.no_grad():
+            self.param += self.shift
+
+
+class OneTransition:
+    """A buffer of one step s -> s' (T = 1), with mu at s and at s' as given."""
+
+    device = "cpu"
+
+    def __init__(self, mu, next_mu):
+        self.batch = dict(obs=torch.tensor([[0.0]]), next_obs=torch.tensor([[[1.0]]]), action=torch.tensor([[0]]),
+                          mu=torch.tensor([[mu]]), next_mu=torch.tensor([[next_mu]]), reward=torch.tensor([[1.0]]),
+                          terminated=torch.tensor([[False]]), last=torch.tensor([[True]]))
+
+    def sample(self, batch_size, n_steps):
+        assert (batch_size, n_steps) == (1, 1)
+        return dict(self.batch)
+
+
+def test_critic_bootstraps_from_the_target_copied_every_k_steps_with_mu_at_the_next_state():
+    args = qa.Args(critic_steps=5, target_update_every=2, batch_size=1, n_steps=1, gamma=0.5)
+    # Q(s, .) = (1, 2), Q(s', .) = (10, 20); the optimiser adds 1 to every entry after each step,
+    # so at step i the online critic is the table + i. The target starts as nonsense (-100).
+    critic, target = TableNet([[1.0, 2.0], [10.0, 20.0]]), TableNet([[-100.0, -100.0], [-100.0, -100.0]])
+    opt = RecordingOptimizer(critic.values, shift=1.0)
+    # mu acted with action 0 at s; mu at s' is sure of action 1, so all k samples are action 1
+    # and any backup F of them is Q_target(s', 1).
+    qa.train_critic(args, OneTransition(mu=[1.0, 0.0], next_mu=[0.0, 1.0]), critic, target, opt)
+    # Copies at steps 0, 2, 4: the target is the table + 0, 0, 2, 2, 4, so Q_target(s', 1) = 20, 20, 22, 22, 24
+    # and y = 1 + 0.5 Q_target(s', 1) = 11, 11, 12, 12, 13. (From the online critic, 20 + i: 11, 11.5, 12, 12.5, 13.
+    # From mu at s, action 0: 6, 6, 7, 7, 8. With no copy at step 0: -49.)
+    # The loss is (Q(s, 0) - y)^2 with Q(s, 0) = 1 + i, so its gradient there is 2 (1 + i - y):
+    want = [2 * (1 - 11), 2 * (2 - 11), 2 * (3 - 12), 2 * (4 - 12), 2 * (5 - 13)]
+    assert [g[0, 0].item() for g in opt.grads] == want
+    # Only Q(s, a taken) is regressed: nothing flows into the other action or into s'.
+    assert all(torch.count_nonzero(g) == 1 for g in opt.grads)
+    assert torch.equal(target.values, critic.values - 1)  # the last copy, at step 4, before its update
+
+
+def test_actor_regresses_on_the_stored_mu_at_s_weighted_by_the_critic_at_s():
+    args = qa.Args(actor_steps=1, batch_size=1)
+    # Q(s, .) = (0, 2); Q(s', .) = (2, 0) must not be used. The actor's logits at s are (0, 0):
+    # pi = (.5, .5), far from the stored mu(s) = (.8, .2) (and from mu(s') = (.2, .8)).
+    critic, actor = TableNet([[0.0, 2.0], [2.0, 0.0]]), TableNet([[0.0, 0.0], [0.0, 0.0]])
+    opt = RecordingOptimizer(actor.values)
+    qa.train_actor(args, OneTransition(mu=[0.8, 0.2], next_mu=[0.2, 0.8]), actor, critic, opt)
+    # V_mu(s) = .8 * 0 + .2 * 2 = .4, A = (-.4, 1.6), normalised over the two: (-1, 1), w = (1/e, e).
+    # loss = -sum_a c_a log pi_a with c = mu w = (.8/e, .2 e); its gradient in the logits is
+    # -(c_a - pi_a sum c) = -.5 (c_0 - c_1) for a = 0 and the opposite for a = 1:
+    e = math.e
+    g = -0.5 * (0.8 / e - 0.2 * e)  # = 0.1247
+    assert opt.grads[0].tolist() == [pytest.approx([g, -g], rel=1e-4), [0.0, 0.0]]
+    # The wrong wirings give other numbers: mu = pi (.5, .5): A = (-1, 1), -.5 (.5/e - .5 e) = 0.588;
+    # mu(s'): -.5 (.2/e - .8 e) = 1.05; Q(s', .): A = (.4, -1.6), w = (e, 1/e), -.5 (.8 e - .2/e) = -1.05.
 
 
 def tiny(**overrides) -> qa.Args:
