@@ -11,8 +11,9 @@ Q-value critic. Each iteration it
      from the stored mu (Eq. 3): weights exp(A / beta), A = Q(s, a_j) - mean_j Q.
 Defaults are the paper's Table 4 and the 100K setting of Appendix 6.1. Details
 the paper leaves open follow the authors' Trax code (class SamplingAWR), and
-each is a flag that says so. Offline (Section 4.4), the same updates run on a
-Minari dataset with mu = N(action taken, 0.4); the online mode can write one.
+each is a flag that says so. `train` is the online algorithm; `train_offline`
+(Section 4.4) runs the same two updates on a Minari dataset, with
+mu = N(action taken, 0.4). The online mode can write such datasets.
 
     python qwr_continuous.py --env-id Walker2d-v4
     python qwr_continuous.py --offline-dataset-id local/walker2d/qwr-replay-v0
@@ -46,16 +47,23 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the replay buffer and all updates live there)"""
-    env_id: str = "Walker2d-v4"
-    """gymnasium id of an environment with a continuous (Box) action space"""
+    env_id: Optional[str] = None
+    """gymnasium id of an environment with a continuous (Box) action space: Walker2d-v4 if not given;
+    offline, the dataset's (a given id must be the same)"""
+
+    # Online training (Algorithm 2's schedule, Table 4)
     total_timesteps: int = 100_000
     """environment steps in total (the paper's 100K budget, Table 1)"""
-    num_envs: int = 1
-    """parallel environments that share the per-iteration step budget"""
-
-    # Algorithm 2 schedule (Table 4)
     steps_per_iteration: int = 1000
     """environment steps collected per iteration (Table 4, n_iterations row)"""
+    num_envs: int = 1
+    """parallel environments that share the per-iteration step budget"""
+    buffer_size: int = 50_000
+    """replay buffer capacity in environment steps"""
+    obs_norm_sample_limit: int = 300_000
+    """observations after which the running mean/std normaliser freezes (authors' code); 0 turns it off"""
+
+    # The two updates of every iteration (Table 4), online and offline
     critic_steps: int = 1000
     """critic gradient steps per iteration (n_critic_steps)"""
     actor_steps: int = 1000
@@ -64,8 +72,6 @@ class Args:
     """critic steps between copies of the critic into the target (update_frequency)"""
     batch_size: int = 256
     """states per gradient step, for actor and critic"""
-    buffer_size: int = 50_000
-    """replay buffer capacity in environment steps"""
     critic_lr: float = 5e-4
     """Adam learning rate of the critic (alpha_V)"""
     actor_lr: float = 1e-4
@@ -80,8 +86,8 @@ class Args:
     """scale s(X) of Eq. 6: mean absolute deviation (100K), standard deviation (1M), or 1"""
     n_samples: int = 4
     """k, actions sampled from the stored mu per state, for backup and actor"""
-    n_steps: int = 3
-    """T, the horizon of the multi-step targets ("margin")"""
+    target_horizon: int = 3
+    """T, the longest of the multi-step targets (Table 4's "margin")"""
     td_lambda: float = 0.95
     """lambda of the truncated TD(lambda) mix of the 1..T-step targets (Eq. 13)"""
     gamma: float = 0.99
@@ -98,34 +104,39 @@ class Args:
     """advantage weights are clipped at this value"""
     action_std: float = 0.4
     """fixed standard deviation of the Gaussian policy"""
-    obs_norm_sample_limit: int = 300_000
-    """observations after which the running mean/std normaliser freezes (authors' code); 0 turns it off"""
 
     # Evaluation, logging, checkpoints
     eval_every: int = 10
-    """evaluate the deterministic policy every this many iterations (and at the end)"""
+    """evaluate the policy, deterministic and sampled, every this many iterations (and at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     capture_video: bool = False
     """record the first episode of each evaluation to videos/"""
     save_model: bool = False
-    """write a checkpoint (networks, optimisers, replay buffer) at each evaluation"""
+    """write a checkpoint (networks, optimisers, replay buffer, random state) at each evaluation"""
     checkpoint_path: Optional[str] = None
-    """checkpoint to load: training resumes from it, or see --eval-only"""
+    """checkpoint to load: training resumes from it, in the same run directory, or see --eval-only"""
     eval_only: bool = False
     """only evaluate the policy of --checkpoint-path, then exit"""
 
-    # Offline datasets (Minari, https://minari.farama.org; stored under $MINARI_DATASETS_PATH)
+    # Offline mode (Section 4.4) and datasets (Minari, https://minari.farama.org; $MINARI_DATASETS_PATH)
+    offline_dataset_id: Optional[str] = None
+    """train from this Minari dataset without env interaction, mu = N(action taken, --action-std)"""
+    offline_iterations: int = 30
+    """iterations of critic and actor steps in offline mode (Section 4.4)"""
     save_dataset: Optional[str] = None
     """Minari id (e.g. local/walker2d/qwr-replay-v0): at the end, write every step collected as a dataset"""
     save_policy_dataset: Optional[str] = None
     """Minari id: at the end, write --policy-dataset-episodes episodes of the trained (stochastic) policy"""
     policy_dataset_episodes: int = 50
     """episodes in the --save-policy-dataset dataset (the paper's offline datasets have 50, Fig. 3)"""
-    offline_dataset_id: Optional[str] = None
-    """train from this Minari dataset without env interaction, mu = N(action taken, --action-std) (Section 4.4)"""
-    offline_iterations: int = 30
-    """iterations of critic and actor steps in offline mode (Section 4.4)"""
+
+
+DEFAULT_ENV_ID = "Walker2d-v4"
+# Flags that mean something in one mode only: set in the other, they are an error, not silently ignored.
+ONLINE_ONLY = ("total_timesteps", "steps_per_iteration", "num_envs", "buffer_size", "obs_norm_sample_limit",
+               "save_dataset")
+OFFLINE_ONLY = ("offline_iterations",)
 
 
 class UsageError(ValueError):
@@ -135,6 +146,13 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------
 # The math of QWR, as pure functions (tests/ check them against hand values)
 # ----------------------------------------------------------------------------
+
+
+def sample_actions(mu_mean: torch.Tensor, mu_std: torch.Tensor, k: int) -> torch.Tensor:
+    """k actions from each stored Gaussian mu = N(mean, std): [..., act_dim] -> [..., k, act_dim]
+    (Algorithm 2 lines 12 and 18). Unclipped: mu's density is defined for them."""
+    noise = torch.randn(mu_mean.shape[:-1] + (k,) + mu_mean.shape[-1:], device=mu_mean.device)
+    return mu_mean.unsqueeze(-2) + mu_std.unsqueeze(-2) * noise
 
 
 def backup_values(q: torch.Tensor, kind: str, tau: float, scale: str) -> torch.Tensor:
@@ -216,21 +234,17 @@ def advantage_weights(q: torch.Tensor, beta: float, max_weight: float) -> torch.
     return torch.exp(torch.clamp(adv / beta, max=math.log(max_weight)))
 
 
+
 # ----------------------------------------------------------------------------
-# Environment, replay buffer, networks
+# Environment, replay buffer, observation normaliser, networks
 # ----------------------------------------------------------------------------
 
 
-def make_env(env_id: str, video_folder: Optional[str] = None):
-    def thunk():
-        env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
-        if video_folder:
-            env = gym.wrappers.RecordVideo(
-                env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True
-            )
-        return env
-
-    return thunk
+def make_env(env_id: str, video_folder: Optional[str] = None) -> gym.Env:
+    if not video_folder:
+        return gym.make(env_id)
+    env = gym.make(env_id, render_mode="rgb_array")
+    return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
 
 
 def make_vec_env(env_id: str, n: int, video_folder: Optional[str] = None) -> gym.vector.VectorEnv:
@@ -238,73 +252,29 @@ def make_vec_env(env_id: str, n: int, video_folder: Optional[str] = None) -> gym
     # the returned observation already starts the next one and the true last
     # observation is in info["final_obs"].
     envs = gym.vector.SyncVectorEnv(
-        [make_env(env_id, video_folder if i == 0 else None) for i in range(n)],
+        [lambda i=i: make_env(env_id, video_folder if i == 0 else None) for i in range(n)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)  # info["episode"] at episode ends
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)  # info["episode"] at episode ends
+    # The policy's Gaussian samples can leave the action bounds; the environment executes them clipped.
+    return gym.wrappers.vector.ClipAction(envs)
 
 
-def check_args(args: Args) -> None:
-    """Raise UsageError for a bad command line, before anything is built."""
+def check_env(env_id: str) -> gym.Env:
+    """The env's spaces, or a UsageError saying why this script cannot learn on it."""
     try:
-        env = gym.make(args.env_id)
+        env = gym.make(env_id)
     except gym.error.Error as e:
-        raise UsageError(f"cannot make env {args.env_id!r}: {e}") from None
+        raise UsageError(f"cannot make env {env_id!r}: {e}") from None
     act, obs = env.action_space, env.observation_space
     env.close()
     if not isinstance(act, gym.spaces.Box):
-        raise UsageError(
-            f"qwr_continuous.py needs a continuous (Box) action space, "
-            f"but {args.env_id} has {act}"
-        )
+        raise UsageError(f"qwr_continuous.py needs a continuous (Box) action space, but {env_id} has {act}")
     if not np.all(np.isfinite(act.low)) or not np.all(np.isfinite(act.high)):
-        raise UsageError(f"{args.env_id}'s action space has infinite bounds: {act}")
+        raise UsageError(f"{env_id}'s action space has infinite bounds: {act}")
     if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
-        raise UsageError(f"qwr_continuous.py needs flat vector observations, {args.env_id} has {obs}")
-    check_dataset_args(args)
-    problems = [
-        (args.total_timesteps % args.steps_per_iteration != 0,
-         "--total-timesteps must be a multiple of --steps-per-iteration"),
-        (args.steps_per_iteration % args.num_envs != 0,
-         "--steps-per-iteration must be a multiple of --num-envs"),
-        (args.buffer_size < args.steps_per_iteration,
-         "--buffer-size must hold at least one iteration of steps"),
-        (min(args.n_samples, args.n_steps, args.batch_size, args.num_envs) < 1,
-         "--n-samples, --n-steps, --batch-size and --num-envs must be >= 1"),
-        (min(args.critic_steps, args.actor_steps, args.eval_episodes) < 0,
-         "step and episode counts cannot be negative"),
-        (not 0 <= args.td_lambda <= 1, "--td-lambda must be in [0, 1]"),
-        (not 0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
-        (args.scale_value_targets and args.gamma == 1, "--scale-value-targets needs --gamma < 1"),
-        (args.backup == "lse" and args.tau <= 0, "--tau must be > 0 for the lse backup"),
-        (min(args.beta, args.max_weight, args.action_std, args.actor_lr, args.critic_lr) <= 0,
-         "--beta, --max-weight, --action-std and the learning rates must be > 0"),
-        (args.target_update_every < 1 or args.eval_every < 1,
-         "--target-update-every and --eval-every must be >= 1"),
-        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
-        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
-         f"checkpoint not found: {args.checkpoint_path}"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise UsageError(message)
-
-
-def check_dataset_args(args: Args) -> None:
-    if not (args.save_dataset or args.save_policy_dataset or args.offline_dataset_id):
-        return
-    try:
-        import minari
-    except ImportError:
-        raise UsageError("datasets need minari: pip install 'minari[hdf5]'") from None
-    outputs = (("--save-dataset", args.save_dataset), ("--save-policy-dataset", args.save_policy_dataset))
-    for flag, dataset_id in outputs:
-        if dataset_id and dataset_id in minari.list_local_datasets():
-            raise UsageError(f"{flag}: dataset {dataset_id} exists already; choose another id or version")
-    if args.save_dataset and (args.checkpoint_path or args.offline_dataset_id):
-        raise UsageError("--save-dataset needs a run from scratch: it writes every step that run collects")
-    if args.policy_dataset_episodes < 1:
-        raise UsageError("--policy-dataset-episodes must be >= 1")
+        raise UsageError(f"qwr_continuous.py needs flat vector observations, {env_id} has {obs}")
+    return env
 
 
 class ReplayBuffer:
@@ -338,23 +308,23 @@ class ReplayBuffer:
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
-    def gather(self, row: torch.Tensor, env: torch.Tensor, n_steps: int) -> dict:
-        """Slices of n_steps consecutive steps starting at (row, env), [B, T, ...].
+    def gather(self, row: torch.Tensor, env: torch.Tensor, horizon: int) -> dict:
+        """Slices of `horizon` consecutive steps starting at (row, env), [B, T, ...].
 
         "last" marks where a slice must stop: an episode end, or the newest
         stored step, whose successor is not stored yet (a wrapped slice would
         otherwise run into the oldest data).
         """
-        rows = (row[:, None] + torch.arange(n_steps, device=self.device)) % self.capacity
+        rows = (row[:, None] + torch.arange(horizon, device=self.device)) % self.capacity
         envs = env[:, None].expand_as(rows)
         out = {k: v[rows, envs] for k, v in self.data.items()}
         out["last"] = out["episode_end"] | (rows == (self.ptr - 1) % self.capacity)
         return out
 
-    def sample(self, batch_size: int, n_steps: int) -> dict:
+    def sample(self, batch_size: int, horizon: int) -> dict:
         row = torch.randint(0, self.size, (batch_size,), device=self.device)
         env = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
-        return self.gather(row, env, n_steps)
+        return self.gather(row, env, horizon)
 
 
 class ObsNormalizer(nn.Module):
@@ -388,8 +358,449 @@ class ObsNormalizer(nn.Module):
         self.count.copy_(total)
 
 
+
+
+def mlp(in_dim: int, hidden: int = 256) -> nn.Sequential:
+    """The paper's torso for both networks: two layers of 256 ReLU units."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+
+
+class QNetwork(nn.Module):
+    """Q(s, a) with the paper's action embedding (Section 4, Neural architectures):
+    the processed observation o is gated by one linear embedding of the action,
+    o * tanh(W a + b), then the value head. The observation is processed once
+    and gated by each of the k sampled actions. head="linear" is the paper's
+    text; head="mlp" is the authors' Trax Value model with multiplicative
+    action injection: o is projected by a linear layer before the gate, and
+    the head is LayerNorm, one layer of 256 ReLU units, then linear.
+    Q is a function of the action the environment executes, so the network
+    clips its action input to the bounds [low, high].
+    """
+
+    def __init__(self, obs_dim: int, low: torch.Tensor, high: torch.Tensor, out_scale: float, head: str = "mlp"):
+        super().__init__()
+        self.torso, self.embed = mlp(obs_dim), nn.Linear(len(low), 256)
+        if head == "mlp":
+            self.torso.append(nn.Linear(256, 256))
+            self.head = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+        else:
+            self.head = nn.Linear(256, 1)
+        self.out_scale = out_scale
+        self.register_buffer("low", low, persistent=False)
+        self.register_buffer("high", high, persistent=False)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs [..., obs_dim] (normalised), actions [..., k, act_dim] -> Q [..., k]."""
+        o = self.torso(obs).unsqueeze(-2)
+        a = self.embed(actions.clamp(self.low, self.high))
+        return self.head(o * torch.tanh(a)).squeeze(-1) * self.out_scale
+
+
+class Actor(nn.Module):
+    """Mean of the Gaussian policy; its std is fixed (0.4, Section 4)."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(mlp(obs_dim), nn.Linear(256, act_dim))
+        # As the authors' code: a near-zero head, so the first policy acts around 0.
+        nn.init.uniform_(self.net[-1].weight, -0.01, 0.01)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+@dataclass
+class Learner:
+    """What QWR learns (Algorithm 2 lines 1-2) with its optimisers: built, saved and loaded as one."""
+
+    actor: Actor
+    critic: QNetwork
+    target: QNetwork
+    obs_norm: ObsNormalizer
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+
+    SAVED = ("actor", "obs_norm", "critic", "actor_opt", "critic_opt")  # the target is re-copied each iteration
+
+
+def make_learner(args: Args, obs_dim: int, action_space: gym.spaces.Box, device, obs_norm_limit: int) -> Learner:
+    low, high = (torch.as_tensor(b, dtype=torch.float32, device=device) for b in (action_space.low, action_space.high))
+    actor = Actor(obs_dim, len(low)).to(device)
+    critic = QNetwork(obs_dim, low, high, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
+                      args.critic_head).to(device)
+    # eps=1e-5 is the default of the authors' (Trax) Adam.
+    return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False),
+                   ObsNormalizer(obs_dim, obs_norm_limit).to(device),
+                   torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5),
+                   torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5))
+
+
 # ----------------------------------------------------------------------------
-# Offline datasets (Minari): written from what the agent collected, read back
+# Acting: collection and evaluation
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect(envs, obs: np.ndarray, steps_per_env: int, actor, obs_norm, action_std: float, device):
+    """Run the Gaussian policy for steps_per_env vector steps (Algorithm 2 line 5).
+
+    Returns the rollout as tensors [steps_per_env, num_envs, ...], the
+    observation to continue from, and the (return, length) of each episode that
+    ended. The buffer keeps the sampled action, whose density under mu is what
+    the actor regresses on; the environment executes it clipped.
+    """
+    steps, episodes = [], []
+    for _ in range(steps_per_env):
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        mean = actor(obs_norm(obs_t))
+        action = mean + action_std * torch.randn_like(mean)
+        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        episode_end = terminated | truncated
+        true_next = next_obs.copy()
+        for i in np.flatnonzero(episode_end):
+            true_next[i] = info["final_obs"][i]
+            episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+        steps.append((obs_t, action, mean, reward, terminated, episode_end, true_next))
+        obs = next_obs
+    names = ("obs", "action", "mu_mean", "reward", "terminated", "episode_end", "next_obs")
+    rollout = {k: torch.stack([torch.as_tensor(s[i], device=device) for s in steps])
+               for i, k in enumerate(names)}
+    for k in ("reward", "next_obs"):
+        rollout[k] = rollout[k].float()
+    rollout["mu_std"] = torch.full_like(rollout["mu_mean"], action_std)
+    # mu at s', from the same policy and normaliser that acted in this rollout.
+    rollout["next_mu_mean"] = actor(obs_norm(rollout["next_obs"]))
+    return rollout, obs, episodes
+
+
+@torch.no_grad()
+def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
+             video_folder: Optional[str] = None, action_std: float = 0.0) -> np.ndarray:
+    """Returns of n_episodes of the deterministic policy (the mean action), or with
+    action_std > 0 of the sampled Gaussian policy (the paper does not say which
+    of the two its tables report)."""
+    envs = make_vec_env(env_id, n_episodes, video_folder)
+    obs, _ = envs.reset(seed=seed)
+    noise = torch.Generator(device).manual_seed(seed)  # its own stream: evaluating leaves training's alone
+    returns = np.full(n_episodes, np.nan)
+    while np.isnan(returns).any():
+        action = actor(obs_norm(torch.as_tensor(obs, dtype=torch.float32, device=device)))
+        action += action_std * torch.randn(action.shape, generator=noise, device=device)
+        obs, _, _, _, info = envs.step(action.cpu().numpy())
+        if "episode" in info:
+            first = info["_episode"] & np.isnan(returns)  # keep each env's first episode
+            returns[first] = info["episode"]["r"][first]
+    envs.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------
+# The two updates of an iteration (Algorithm 2 lines 6-15 and 16-22)
+# ----------------------------------------------------------------------------
+
+
+def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm) -> dict:
+    """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4."""
+    sums = torch.zeros(3, device=buffer.device)
+    for i in range(args.critic_steps):
+        if i % args.target_update_every == 0:  # Alg. 2 l.8-9: the target network is the critic of now
+            target.load_state_dict(critic.state_dict())
+        b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11: (s, mu, a, r, s'), T steps on
+        with torch.no_grad():
+            # Alg. 2 l.12: k actions a' ~ mu(.|s') at each of the T next states: [B, T, k, act_dim].
+            next_actions = sample_actions(b["next_mu_mean"], b["mu_std"], args.n_samples)
+            # Alg. 2 l.13: Q* = r + gamma F(Q_target(s', a'_j)), mixed over 1..T steps by TD(lambda).
+            bootstrap = backup_values(target(obs_norm(b["next_obs"]), next_actions), args.backup, args.tau,
+                                      args.backup_scale)
+            y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
+        q = critic(obs_norm(b["obs"][:, 0]), b["action"][:, :1]).squeeze(-1)
+        # Alg. 2 l.14: a gradient step on ||Q* - Q(s, a)||^2, in the network's own units (returns x (1 - gamma)).
+        loss = ((q - y) / critic.out_scale).pow(2).mean()
+        critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        critic_opt.step()
+        sums += torch.stack([loss.detach(), q.detach().mean(), y.mean()])
+    loss, q_mean, y_mean = (sums / max(1, args.critic_steps)).tolist()
+    return {"critic_loss": loss, "q_mean": q_mean, "target_mean": y_mean}
+
+
+def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm) -> dict:
+    """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu."""
+    sums = torch.zeros(5, device=buffer.device)
+    for _ in range(args.actor_steps):
+        b = buffer.sample(args.batch_size, 1)  # Alg. 2 l.17: (s, mu)
+        obs = obs_norm(b["obs"][:, 0])
+        actions = sample_actions(b["mu_mean"][:, 0], b["mu_std"][:, 0], args.n_samples)  # Alg. 2 l.18: [B, k, d]
+        with torch.no_grad():
+            # Alg. 2 l.19-20: V = mean_j Q(s, a_j), weights xi = exp((Q - V) / beta), normalised and clipped.
+            q = critic(obs, actions)
+            weights = advantage_weights(q, args.beta, args.max_weight)
+        # Alg. 2 l.21: ascend mean_j xi_j log pi(a_j|s).
+        mean = actor(obs)
+        log_prob = torch.distributions.Normal(mean.unsqueeze(1), args.action_std).log_prob(actions).sum(-1)
+        loss = -(weights * log_prob).mean()
+        actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        actor_opt.step()
+        # Diagnostics: clipped weights; policy means at or past the action bounds; how much Q
+        # and the weights vary over the k actions of one state (std over k, averaged over states).
+        at_bound = ((mean.detach() <= critic.low) | (mean.detach() >= critic.high)).float().mean()
+        sums += torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
+                             q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
+    names = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
+    return dict(zip(names, (sums / max(1, args.actor_steps)).tolist()))
+
+
+# ----------------------------------------------------------------------------
+# Around the loop: the command line, seeds, logs, checkpoints, evaluation
+# ----------------------------------------------------------------------------
+
+
+def check_args(args: Args, offline: bool) -> None:
+    """Raise UsageError for a bad command line, before anything is built."""
+    defaults = Args()
+    for name in ONLINE_ONLY if offline else OFFLINE_ONLY:
+        if getattr(args, name) != getattr(defaults, name):
+            raise UsageError(f"--{name.replace('_', '-')} applies to {'online' if offline else 'offline'} "
+                             f"training only (--offline-dataset-id {'given' if offline else 'not given'})")
+    problems = [
+        (args.total_timesteps % args.steps_per_iteration != 0,
+         "--total-timesteps must be a multiple of --steps-per-iteration"),
+        (args.steps_per_iteration % args.num_envs != 0,
+         "--steps-per-iteration must be a multiple of --num-envs"),
+        (args.buffer_size < args.steps_per_iteration,
+         "--buffer-size must hold at least one iteration of steps"),
+        (min(args.n_samples, args.target_horizon, args.batch_size, args.num_envs) < 1,
+         "--n-samples, --target-horizon, --batch-size and --num-envs must be >= 1"),
+        (min(args.critic_steps, args.actor_steps, args.eval_episodes) < 0,
+         "step and episode counts cannot be negative"),
+        (not 0 <= args.td_lambda <= 1, "--td-lambda must be in [0, 1]"),
+        (not 0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
+        (args.scale_value_targets and args.gamma == 1, "--scale-value-targets needs --gamma < 1"),
+        (args.backup == "lse" and args.tau <= 0, "--tau must be > 0 for the lse backup"),
+        (min(args.beta, args.max_weight, args.action_std, args.actor_lr, args.critic_lr) <= 0,
+         "--beta, --max-weight, --action-std and the learning rates must be > 0"),
+        (args.target_update_every < 1 or args.eval_every < 1 or args.offline_iterations < 1,
+         "--target-update-every, --eval-every and --offline-iterations must be >= 1"),
+        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
+        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
+         f"checkpoint not found: {args.checkpoint_path}"),
+        (args.save_dataset and args.checkpoint_path,
+         "--save-dataset needs a run from scratch: it writes every step that run collects"),
+        (args.policy_dataset_episodes < 1, "--policy-dataset-episodes must be >= 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+    if args.save_dataset or args.save_policy_dataset or offline:
+        try:
+            import minari
+        except ImportError:
+            raise UsageError("datasets need minari: pip install 'minari[hdf5]'") from None
+        for flag, dataset_id in (("--save-dataset", args.save_dataset),
+                                 ("--save-policy-dataset", args.save_policy_dataset)):
+            if dataset_id and dataset_id in minari.list_local_datasets():
+                raise UsageError(f"{flag}: dataset {dataset_id} exists already; choose another id or version")
+
+
+def seed_and_device(args: Args) -> torch.device:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.capture_video and sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # render without a screen
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def open_writer(args: Args, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]) -> tuple[int, Optional[str]]:
+    """Load --checkpoint-path into learner (and buffer, online); return its iteration and run name."""
+    ckpt = torch.load(args.checkpoint_path, map_location=learner.critic.low.device, weights_only=False)
+    if ckpt["args"]["env_id"] != args.env_id:
+        raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+    for k in ("actor", "obs_norm") if args.eval_only else Learner.SAVED:
+        getattr(learner, k).load_state_dict(ckpt[k])
+    if buffer is not None and not args.eval_only:
+        if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
+            raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
+        buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
+        # The environments restart, so the stored episode in progress ends here.
+        buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
+    if "rng" in ckpt and not args.eval_only:  # the random streams go on where they stopped
+        random.setstate(ckpt["rng"]["python"])
+        np_state = ckpt["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["iteration"], ckpt.get("run_name")
+
+
+def save_checkpoint(path: str, args: Args, learner: Learner, iteration: int, run_name: str,
+                    buffer: Optional[ReplayBuffer]) -> None:
+    np_state = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+               torch=torch.get_rng_state())
+    ckpt = {k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
+        args=asdict(args), iteration=iteration, run_name=run_name, rng=rng,
+        buffer=buffer and buffer.data, buffer_ptr=buffer and buffer.ptr, buffer_size=buffer and buffer.size)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
+
+
+def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: int, evaluate_now: bool,
+                     run_name: str, device, refs: Optional[tuple] = None, buffer=None) -> str:
+    """Log an iteration's metrics; when evaluate_now, evaluate the policy (deterministic and
+    sampled) and write a checkpoint if asked. Returns the status line's evaluation part."""
+    if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
+        raise FloatingPointError(f"non-finite losses at step {step}: {metrics}")
+    for k in ("critic_loss", "actor_loss", "q_mean", "target_mean", "clipped_weight_fraction"):
+        writer.add_scalar(f"losses/{k}", metrics[k], step)
+    for k in ("mean_at_bound_fraction", "q_spread", "weight_spread"):
+        writer.add_scalar(f"diagnostics/{k}", metrics[k], step)
+    writer.add_scalar("charts/seconds_per_iteration", metrics["seconds_per_iteration"], step)
+    if not evaluate_now or args.eval_episodes == 0:
+        return ""
+    seed, video = args.seed + 10_000, f"videos/{run_name}/step{step}" if args.capture_video else None
+    for key, std in (("eval_return", 0.0), ("eval_return_sampled", args.action_std)):
+        returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device, seed,
+                           None if std else video, std)
+        metrics[key] = float(returns.mean())
+        writer.add_scalar(f"charts/{key}", metrics[key], step)
+    line = f" | eval return {metrics['eval_return']:.1f} (sampled {metrics['eval_return_sampled']:.1f})"
+    if refs:  # D4RL's normalised score: 0 random, 100 expert
+        metrics["normalized_score"] = 100 * (metrics["eval_return"] - refs[0]) / (refs[1] - refs[0])
+        writer.add_scalar("charts/normalized_score", metrics["normalized_score"], step)
+        line += f" (score {metrics['normalized_score']:.1f})"
+    if args.save_model:
+        metrics["checkpoint"] = f"runs/{run_name}/{args.exp_name}.pt"
+        save_checkpoint(metrics["checkpoint"], args, learner, metrics["iteration"], run_name, buffer)
+    return line
+
+
+# ----------------------------------------------------------------------------
+# Training: online (Algorithm 2), then offline (Section 4.4)
+# ----------------------------------------------------------------------------
+
+
+def train(args: Args) -> dict:
+    """Online QWR (Algorithm 2); returns the final metrics."""
+    args = replace(args, env_id=args.env_id or DEFAULT_ENV_ID)
+    check_args(args, offline=False)
+    check_env(args.env_id)
+    device = seed_and_device(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    envs = make_vec_env(args.env_id, args.num_envs)
+    obs_dim = envs.single_observation_space.shape[0]
+    # Alg. 2 l.1-3: random actor and critic parameters, an empty replay buffer D.
+    learner = make_learner(args, obs_dim, envs.single_action_space, device, args.obs_norm_sample_limit)
+    buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim,
+                          envs.single_action_space.shape[0], device)
+    start = 0
+    if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
+        start, saved_name = load_checkpoint(args, learner, buffer)
+        run_name = saved_name or run_name
+    if args.eval_only:  # evaluate the checkpoint's policy, nothing else
+        returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device, args.seed + 10_000,
+                           f"videos/{run_name}" if args.capture_video else None)
+        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
+        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
+    writer = open_writer(args, run_name)
+    n_iterations = args.total_timesteps // args.steps_per_iteration
+    print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
+    # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
+    obs, _ = envs.reset(seed=args.seed + start)
+    collected, metrics, start_time = [], {}, time.time()
+    for iteration in range(start, n_iterations):  # Alg. 2 l.4
+        iteration_start = time.time()
+        # Alg. 2 l.5: add trajectories sampled by pi_theta to D, each step with the mu that chose it.
+        rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, learner.actor,
+                                         learner.obs_norm, args.action_std, device)
+        learner.obs_norm.update(rollout["obs"])
+        buffer.add(rollout)
+        if args.save_dataset:
+            collected.append({k: v.cpu() for k, v in rollout.items()})
+        step = (iteration + 1) * args.steps_per_iteration
+        for ret, length in episodes:
+            writer.add_scalar("charts/episodic_return", ret, step)
+            writer.add_scalar("charts/episodic_length", length, step)
+
+        metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm)
+        metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm)
+
+        sps = int((step - start * args.steps_per_iteration) / (time.time() - start_time))
+        metrics |= dict(iteration=iteration + 1, global_step=step, sps=sps,
+                        seconds_per_iteration=time.time() - iteration_start)
+        writer.add_scalar("charts/SPS", sps, step)
+        line = f"iter {iteration + 1}/{n_iterations} step {step}"
+        if episodes:
+            metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
+            line += f" | train return {metrics['episodic_return']:.1f}"
+        evaluate_now = (iteration + 1) % args.eval_every == 0 or iteration + 1 == n_iterations
+        line += end_of_iteration(args, writer, learner, metrics, step, evaluate_now, run_name, device, buffer=buffer)
+        print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {sps} SPS, "
+              f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+    envs.close()
+    writer.close()
+    write_datasets(args, collected, learner, device, run_name, envs.single_action_space)
+    print(f"done: eval return {metrics.get('eval_return', float('nan')):.1f} at step {n_iterations * args.steps_per_iteration}, "
+          f"{(time.time() - start_time) / 60:.1f} min" if metrics else
+          f"nothing left to train: the checkpoint is at iteration {start} of {n_iterations}")
+    return metrics | {"run_name": run_name}
+
+
+def train_offline(args: Args) -> dict:
+    """Offline QWR (Section 4.4): the same two updates on a fixed Minari dataset, with
+    mu = N(action taken, --action-std) at every state; returns the final metrics."""
+    check_args(args, offline=True)
+    device = seed_and_device(args)
+    buffer, env_id, refs = load_dataset(args.offline_dataset_id, args.action_std, device)
+    if args.env_id not in (None, env_id):
+        raise UsageError(f"--env-id {args.env_id} is not the dataset's environment, {env_id}")
+    args = replace(args, env_id=env_id)  # evaluate where the data came from
+    env = check_env(env_id)
+    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # Normalised by the statistics of the whole dataset.
+    learner = make_learner(args, env.observation_space.shape[0], env.action_space, device, buffer.size)
+    learner.obs_norm.update(buffer.data["obs"])
+    start = 0
+    if args.checkpoint_path:
+        start, saved_name = load_checkpoint(args, learner, None)
+        run_name = saved_name or run_name
+    writer = open_writer(args, run_name)
+    # Every dataset episode ends with episode_end, so this is the mean episode return.
+    dataset_return = (buffer.data["reward"].sum() / buffer.data["episode_end"].sum()).item()
+    writer.add_scalar("charts/dataset_return", dataset_return, 0)
+    print(f"QWR-{args.backup} offline from {args.offline_dataset_id} ({buffer.size} steps, mean return "
+          f"{dataset_return:.1f}; {device}), {args.offline_iterations} iterations, logs in runs/{run_name}")
+    metrics, start_time = {}, time.time()
+    for iteration in range(start, args.offline_iterations):  # the x-axis counts iterations: no env steps
+        iteration_start = time.time()
+        metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm)
+        metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm)
+        metrics |= dict(iteration=iteration + 1, global_step=iteration + 1, dataset_return=dataset_return,
+                        seconds_per_iteration=time.time() - iteration_start)
+        evaluate_now = (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.offline_iterations
+        line = f"iter {iteration + 1}/{args.offline_iterations}" + end_of_iteration(
+            args, writer, learner, metrics, iteration + 1, evaluate_now, run_name, device, refs)
+        print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | "
+              f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+    writer.close()
+    write_datasets(args, [], learner, device, run_name, env.action_space)
+    print(f"done: eval return {metrics.get('eval_return', float('nan')):.1f} after {args.offline_iterations} "
+          f"iterations, {(time.time() - start_time) / 60:.1f} min" if metrics else
+          f"nothing left to train: the checkpoint is at iteration {start} of {args.offline_iterations}")
+    return metrics | {"run_name": run_name, "dataset_return": dataset_return}
+
+
+# ----------------------------------------------------------------------------
+# Datasets (Minari): written from what the agent collected, read back offline
 # ----------------------------------------------------------------------------
 
 # D4RL's random and expert returns, for normalised scores (0 random, 100 expert).
@@ -471,111 +882,6 @@ def load_dataset(dataset_id: str, action_std: float, device) -> tuple:
     return buffer, dataset.env_spec.id, refs
 
 
-def mlp(in_dim: int, hidden: int = 256) -> nn.Sequential:
-    """The paper's torso for both networks: two layers of 256 ReLU units."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-
-
-class QNetwork(nn.Module):
-    """Q(s, a) with the paper's action embedding (Section 4, Neural architectures):
-    the processed observation o is gated by one linear embedding of the action,
-    o * tanh(W a + b), then the value head. The observation is processed once
-    and gated by each of the k sampled actions. head="linear" is the paper's
-    text; head="mlp" is the authors' Trax Value model with multiplicative
-    action injection: o is projected by a linear layer before the gate, and
-    the head is LayerNorm, one layer of 256 ReLU units, then linear.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, out_scale: float, head: str = "mlp"):
-        super().__init__()
-        self.torso, self.embed = mlp(obs_dim), nn.Linear(act_dim, 256)
-        if head == "mlp":
-            self.torso.append(nn.Linear(256, 256))
-            self.head = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
-        else:
-            self.head = nn.Linear(256, 1)
-        self.out_scale = out_scale
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """obs [..., obs_dim] (normalised), actions [..., k, act_dim] -> Q [..., k]."""
-        o = self.torso(obs).unsqueeze(-2)
-        return self.head(o * torch.tanh(self.embed(actions))).squeeze(-1) * self.out_scale
-
-
-class Actor(nn.Module):
-    """Mean of the Gaussian policy; its std is fixed (0.4, Section 4)."""
-
-    def __init__(self, obs_dim: int, act_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(mlp(obs_dim), nn.Linear(256, act_dim))
-        # As the authors' code: a near-zero head, so the first policy acts around 0.
-        nn.init.uniform_(self.net[-1].weight, -0.01, 0.01)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
-
-
-# ----------------------------------------------------------------------------
-# Data collection, evaluation, training
-# ----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def collect(envs, obs: np.ndarray, n_steps: int, actor, obs_norm, action_std: float, device):
-    """Run the Gaussian policy for n_steps vector steps (Algorithm 2 line 5).
-
-    Returns the rollout as tensors [n_steps, num_envs, ...], the observation to
-    continue from, and the (return, length) of each episode that ended.
-    """
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    steps, episodes = [], []
-    for _ in range(n_steps):
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        mean = actor(obs_norm(obs_t))
-        action = mean + action_std * torch.randn_like(mean)
-        # The buffer keeps the sampled action, whose density under mu is what
-        # the actor regresses on; the environment gets it clipped to its bounds.
-        next_obs, reward, terminated, truncated, info = envs.step(np.clip(action.cpu().numpy(), low, high))
-        episode_end = terminated | truncated
-        true_next = next_obs.copy()
-        for i in np.flatnonzero(episode_end):
-            true_next[i] = info["final_obs"][i]
-            episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
-        steps.append((obs_t, action, mean, reward, terminated, episode_end, true_next))
-        obs = next_obs
-    names = ("obs", "action", "mu_mean", "reward", "terminated", "episode_end", "next_obs")
-    rollout = {k: torch.stack([torch.as_tensor(s[i], device=device) for s in steps])
-               for i, k in enumerate(names)}
-    for k in ("reward", "next_obs"):
-        rollout[k] = rollout[k].float()
-    rollout["mu_std"] = torch.full_like(rollout["mu_mean"], action_std)
-    # mu at s', from the same policy and normaliser that acted in this rollout.
-    rollout["next_mu_mean"] = actor(obs_norm(rollout["next_obs"]))
-    return rollout, obs, episodes
-
-
-@torch.no_grad()
-def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
-             video_folder: Optional[str] = None, action_std: float = 0.0) -> np.ndarray:
-    """Returns of n_episodes of the deterministic policy (the clipped mean action),
-    or with action_std > 0 of the sampled Gaussian policy (the paper does not
-    say which of the two its tables report)."""
-    envs = make_vec_env(env_id, n_episodes, video_folder)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    obs, _ = envs.reset(seed=seed)
-    returns = np.full(n_episodes, np.nan)
-    while np.isnan(returns).any():
-        action = actor(obs_norm(torch.as_tensor(obs, dtype=torch.float32, device=device)))
-        action = action + action_std * torch.randn_like(action)
-        obs, _, _, _, info = envs.step(np.clip(action.cpu().numpy(), low, high))
-        if "episode" in info:
-            first = info["_episode"] & np.isnan(returns)  # keep each env's first episode
-            returns[first] = info["episode"]["r"][first]
-    envs.close()
-    return returns
-
-
 def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, device, seed: int) -> list:
     """One episode in each of n environments, acting with the Gaussian policy."""
     envs = make_vec_env(env_id, n)
@@ -587,232 +893,21 @@ def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, dev
     return [episodes_of([{k: v[:, e : e + 1] for k, v in rollout.items()}], low, high)[0] for e in range(n)]
 
 
-def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm, bounds) -> dict:
-    """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4."""
-    low, high = bounds
-    sums = torch.zeros(3, device=buffer.device)
-    for i in range(args.critic_steps):
-        if i % args.target_update_every == 0:
-            target.load_state_dict(critic.state_dict())
-        b = buffer.sample(args.batch_size, args.n_steps)
-        with torch.no_grad():
-            # k actions a' ~ mu(.|s') at each of the T next states: [B, T, k, act_dim].
-            noise = torch.randn(b["next_mu_mean"].shape[:2] + (args.n_samples,) + b["next_mu_mean"].shape[2:],
-                                device=buffer.device)
-            next_actions = b["next_mu_mean"].unsqueeze(-2) + b["mu_std"].unsqueeze(-2) * noise
-            next_q = target(obs_norm(b["next_obs"]), next_actions.clamp(low, high))
-            bootstrap = backup_values(next_q, args.backup, args.tau, args.backup_scale)
-            y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
-        # Q sees the action the environment executed (the clipped one).
-        q = critic(obs_norm(b["obs"][:, 0]), b["action"][:, :1].clamp(low, high)).squeeze(-1)
-        # Regression in the network's own units (returns times 1 - gamma).
-        loss = ((q - y) / critic.out_scale).pow(2).mean()
-        critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        critic_opt.step()
-        sums += torch.stack([loss.detach(), q.detach().mean(), y.mean()])
-    loss, q_mean, y_mean = (sums / max(1, args.critic_steps)).tolist()
-    return {"critic_loss": loss, "q_mean": q_mean, "target_mean": y_mean}
-
-
-def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm, bounds) -> dict:
-    """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu."""
-    low, high = bounds
-    sums = torch.zeros(5, device=buffer.device)
-    for _ in range(args.actor_steps):
-        b = buffer.sample(args.batch_size, 1)
-        obs, mu_mean, mu_std = obs_norm(b["obs"][:, 0]), b["mu_mean"][:, 0], b["mu_std"][:, 0]
-        noise = torch.randn((args.batch_size, args.n_samples) + mu_mean.shape[1:], device=buffer.device)
-        actions = mu_mean.unsqueeze(1) + mu_std.unsqueeze(1) * noise  # [B, k, act_dim]
-        with torch.no_grad():
-            q = critic(obs, actions.clamp(low, high))
-            weights = advantage_weights(q, args.beta, args.max_weight)
-        mean = actor(obs)
-        log_prob = torch.distributions.Normal(mean.unsqueeze(1), args.action_std).log_prob(actions).sum(-1)
-        loss = -(weights * log_prob).mean()
-        actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        actor_opt.step()
-        # Diagnostics: clipped weights; policy means at or past the action bounds; how much Q
-        # and the weights vary over the k actions of one state (std over k, averaged over states).
-        at_bound = ((mean.detach() <= low) | (mean.detach() >= high)).float().mean()
-        sums += torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
-                             q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
-    names = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
-    return dict(zip(names, (sums / max(1, args.actor_steps)).tolist()))
-
-
-def train(args: Args) -> dict:
-    """Runs QWR and returns the final metrics (see the dict at the end)."""
-    offline, refs = None, None
-    if args.offline_dataset_id:
-        check_dataset_args(args)
-        offline, env_id, refs = load_dataset(args.offline_dataset_id, args.action_std, "cpu")
-        args = replace(args, env_id=env_id)  # evaluate where the data came from
-    check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.capture_video and sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # render without a screen
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-
-    envs = make_vec_env(args.env_id, args.num_envs)
-    obs_dim = envs.single_observation_space.shape[0]
-    act_dim = envs.single_action_space.shape[0]
-    bounds = tuple(torch.as_tensor(b, dtype=torch.float32, device=device)
-                   for b in (envs.single_action_space.low, envs.single_action_space.high))
-    obs_norm = ObsNormalizer(obs_dim, args.obs_norm_sample_limit).to(device)
-    actor = Actor(obs_dim, act_dim).to(device)
-    critic = QNetwork(obs_dim, act_dim, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
-                      args.critic_head).to(device)
-    target = copy.deepcopy(critic).requires_grad_(False)
-    # eps=1e-5 is the default of the authors' (Trax) Adam.
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
-    if offline is None:
-        buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
-    else:  # the whole dataset, normalised by its own statistics
-        buffer = offline
-        buffer.data = {k: v.to(device) for k, v in buffer.data.items()}
-        buffer.device = device
-        obs_norm.update(buffer.data["obs"])
-    state = dict(actor=actor, obs_norm=obs_norm, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
-
-    start_iteration = 0
-    if args.checkpoint_path:
-        ckpt = torch.load(args.checkpoint_path, map_location=device)
-        if ckpt["args"]["env_id"] != args.env_id:
-            raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
-        for k in ("actor", "obs_norm") if args.eval_only else state:
-            state[k].load_state_dict(ckpt[k])
-        if not args.eval_only and offline is None:
-            if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
-                raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
-            buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
-            # The environments restart, so the stored episode in progress ends here.
-            buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
-        if not args.eval_only:
-            start_iteration = ckpt["iteration"]
-            # The same run goes on: its log directory, and the random streams where they stopped.
-            run_name = ckpt.get("run_name", run_name)
-            if "rng" in ckpt:
-                random.setstate(ckpt["rng"]["python"])
-                np.random.set_state((ckpt["rng"]["numpy"][0], np.array(ckpt["rng"]["numpy"][1], np.uint32),
-                                     *ckpt["rng"]["numpy"][2:]))
-                torch.set_rng_state(ckpt["rng"]["torch"])
-    if args.eval_only:
-        returns = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000,
-                           f"videos/{run_name}" if args.capture_video else None)
-        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
-        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    n_iterations = args.offline_iterations if offline else args.total_timesteps // args.steps_per_iteration
-    metrics: dict = {"eval_return": float("nan")}
-    source = f"on {args.env_id}"
-    if offline:  # every dataset episode ends with episode_end, so this is the mean episode return
-        metrics["dataset_return"] = (buffer.data["reward"].sum() / buffer.data["episode_end"].sum()).item()
-        writer.add_scalar("charts/dataset_return", metrics["dataset_return"], 0)
-        source = (f"offline from {args.offline_dataset_id} ({buffer.size} steps, "
-                  f"mean return {metrics['dataset_return']:.1f})")
-    print(f"QWR-{args.backup} {source} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
-    # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
-    obs, _ = envs.reset(seed=args.seed + start_iteration)
-    envs.action_space.seed(args.seed)
-    start_time = time.time()
-    start_step = start_iteration if offline else start_iteration * args.steps_per_iteration
-    collected = []  # every rollout, for --save-dataset
-    for iteration in range(start_iteration, n_iterations):
-        iteration_start = time.time()
-        episodes = []
-        if offline is None:
-            rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, obs_norm,
-                                             args.action_std, device)
-            obs_norm.update(rollout["obs"])
-            buffer.add(rollout)
-            if args.save_dataset:
-                collected.append({k: v.cpu() for k, v in rollout.items()})
-        # Offline, the x-axis counts iterations: no environment steps are taken.
-        global_step = iteration + 1 if offline else (iteration + 1) * args.steps_per_iteration
-        for ret, length in episodes:
-            writer.add_scalar("charts/episodic_return", ret, global_step)
-            writer.add_scalar("charts/episodic_length", length, global_step)
-
-        metrics.update(train_critic(args, buffer, critic, target, critic_opt, obs_norm, bounds))
-        metrics.update(train_actor(args, buffer, actor, critic, actor_opt, obs_norm, bounds))
-        if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
-            raise FloatingPointError(f"non-finite losses at iteration {iteration + 1}: {metrics}")
-
-        sps = 0 if offline else int((global_step - start_step) / (time.time() - start_time))
-        metrics.update(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
-        if episodes:
-            metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
-        for k in ("critic_loss", "actor_loss", "q_mean", "target_mean", "clipped_weight_fraction"):
-            writer.add_scalar(f"losses/{k}", metrics[k], global_step)
-        for k in ("mean_at_bound_fraction", "q_spread", "weight_spread"):
-            writer.add_scalar(f"diagnostics/{k}", metrics[k], global_step)
-        if not offline:
-            writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/seconds_per_iteration", metrics["seconds_per_iteration"], global_step)
-
-        line = f"iter {iteration + 1}/{n_iterations}" + ("" if offline else f" step {global_step}")
-        if episodes:
-            line += f" | train return {metrics['episodic_return']:.1f}"
-        if ((iteration + 1) % args.eval_every == 0 or iteration + 1 == n_iterations) and args.eval_episodes > 0:
-            video = f"videos/{run_name}/step{global_step}" if args.capture_video else None
-            returns = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000, video)
-            metrics["eval_return"] = float(returns.mean())
-            writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
-            line += f" | eval return {metrics['eval_return']:.1f}"
-            sampled = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000,
-                               action_std=args.action_std)
-            metrics["eval_return_sampled"] = float(sampled.mean())
-            writer.add_scalar("charts/eval_return_sampled", metrics["eval_return_sampled"], global_step)
-            line += f" (sampled {metrics['eval_return_sampled']:.1f})"
-            if offline and refs:  # D4RL's normalised score: 0 random, 100 expert
-                metrics["normalized_score"] = 100 * (metrics["eval_return"] - refs[0]) / (refs[1] - refs[0])
-                writer.add_scalar("charts/normalized_score", metrics["normalized_score"], global_step)
-                line += f" (score {metrics['normalized_score']:.1f})"
-            if args.save_model:
-                path = f"runs/{run_name}/{args.exp_name}.pt"
-                np_state = np.random.get_state()
-                rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
-                           torch=torch.get_rng_state())
-                # Written to a temporary file first: a run killed mid-write leaves the last good checkpoint.
-                torch.save({k: v.state_dict() for k, v in state.items()} | dict(  # (offline: the data is the dataset)
-                    args=asdict(args), iteration=iteration + 1, buffer=None if offline else buffer.data,
-                    buffer_ptr=buffer.ptr, buffer_size=buffer.size, run_name=run_name, rng=rng), path + ".tmp")
-                os.replace(path + ".tmp", path)
-                metrics["checkpoint"] = path
-        speed = ("" if offline else f"{sps} SPS, ") + f"{metrics['seconds_per_iteration']:.1f} s/iter"
-        print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {speed}", flush=True)
-
-    envs.close()
-    writer.close()
+def write_datasets(args: Args, collected: list, learner: Learner, device, run_name: str, action_space) -> None:
+    """--save-dataset (every step collected) and --save-policy-dataset (episodes of the final policy)."""
     if args.save_dataset:
-        low, high = envs.single_action_space.low, envs.single_action_space.high
-        write_dataset(args.save_dataset, episodes_of(collected, low, high), args.env_id,
+        write_dataset(args.save_dataset, episodes_of(collected, action_space.low, action_space.high), args.env_id,
                       f"every step of {args.total_timesteps} collected by qwr_continuous.py (seed {args.seed})")
     if args.save_policy_dataset:
-        write_dataset(args.save_policy_dataset,
-                      policy_episodes(args.env_id, args.policy_dataset_episodes, actor, obs_norm, args.action_std,
-                                      device, args.seed + 20_000), args.env_id,
+        episodes = policy_episodes(args.env_id, args.policy_dataset_episodes, learner.actor, learner.obs_norm,
+                                   args.action_std, device, args.seed + 20_000)
+        write_dataset(args.save_policy_dataset, episodes, args.env_id,
                       f"episodes of QWR's Gaussian policy (std {args.action_std}) after {run_name}")
-    if start_iteration >= n_iterations:  # e.g. a finished checkpoint, loaded to write --save-policy-dataset
-        print(f"nothing left to train: the checkpoint is at iteration {start_iteration} of {n_iterations}")
-    else:
-        print(f"done: eval return {metrics['eval_return']:.1f} at {'iteration' if offline else 'step'} "
-              f"{metrics.get('global_step', start_step)}, {(time.time() - start_time) / 60:.1f} min")
-    return metrics | {"run_name": run_name}
 
 
 if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
     try:
-        train(tyro.cli(Args))
+        (train_offline if cli_args.offline_dataset_id and not cli_args.eval_only else train)(cli_args)
     except UsageError as e:
         sys.exit(f"error: {e}")

@@ -89,7 +89,8 @@ def test_obs_normalizer_matches_numpy_and_freezes_at_its_limit():
 
 
 class LinearQ(torch.nn.Module):
-    """Q(s, a) = w * sum(a), in return units; the real critic's output scale is 10 here."""
+    """Q(s, a) = w * sum(a), in return units; the real critic's output scale is 10 here.
+    Unlike the real critic, it does not clip its action input."""
 
     out_scale = 10.0
 
@@ -125,29 +126,28 @@ def stored_steps(n, action, mu_mean, mu_std, next_mu_mean, reward=1.0):
     return buf
 
 
-BOUNDS = (torch.tensor([-1.0]), torch.tensor([1.0]))
-
-
 def test_critic_bootstraps_from_the_target_network_at_mu_of_the_next_state():
-    # mu at s is centred on -5, mu at s' on +5 (std ~0): every a' ~ mu(.|s') is +5, clipped to the bound 1.
-    # The executed action 3 is clipped to 1 too. 1-step targets, mean backup, gamma 0.5, reward 1.
+    # mu at s is centred on -5, mu at s' on +5 (std ~0): every a' ~ mu(.|s') is +5. The stored action is 3.
+    # 1-step targets, mean backup, gamma 0.5, reward 1.
     buf = stored_steps(8, action=3.0, mu_mean=-5.0, mu_std=1e-6, next_mu_mean=5.0)
-    args = qwr.Args(critic_steps=3, target_update_every=2, batch_size=4, n_steps=1, backup="mean", gamma=0.5)
+    args = qwr.Args(critic_steps=3, target_update_every=2, batch_size=4, target_horizon=1, backup="mean", gamma=0.5)
     critic = LinearQ(1.0)
     target = LinearQ(-100.0)  # whatever it holds, it is a copy of the critic from step 0 on
-    metrics = qwr.train_critic(args, buf, critic, target, AddOne(critic), qwr.ObsNormalizer(1, 0), BOUNDS)
+    metrics = qwr.train_critic(args, buf, critic, target, AddOne(critic), qwr.ObsNormalizer(1, 0))
     # Online w = 1, 2, 3 at steps 0, 1, 2; the target copies it at steps 0 and 2: w_bar = 1, 1, 3.
-    q = [1.0 * 1, 2.0 * 1, 3.0 * 1]  # Q(s, clip(3)) = w
-    y = [1 + 0.5 * 1 * 1, 1 + 0.5 * 1 * 1, 1 + 0.5 * 3 * 1]  # r + gamma * w_bar * clip(+5)
+    q = [1.0 * 3, 2.0 * 3, 3.0 * 3]  # Q(s, 3) = 3 w
+    y = [1 + 0.5 * 1 * 5, 1 + 0.5 * 1 * 5, 1 + 0.5 * 3 * 5]  # r + gamma * w_bar * 5
     assert metrics["q_mean"] == pytest.approx(np.mean(q))
-    assert metrics["target_mean"] == pytest.approx(np.mean(y), rel=1e-5)  # online net: y = 1.5, 2, 2.5
+    assert metrics["target_mean"] == pytest.approx(np.mean(y), rel=1e-5)  # online net: y = 3.5, 6, 8.5
     # The loss is in the network's own units, (q - y) / out_scale, not in returns.
     assert metrics["critic_loss"] == pytest.approx(np.mean([((a - b) / 10) ** 2 for a, b in zip(q, y)]), rel=1e-4)
     assert target.w.item() == 3.0
 
 
 class IndexQ(torch.nn.Module):
-    """Q(s, a_j) = j for the j-th of the k sampled actions, whatever they are."""
+    """Q(s, a_j) = j for the j-th of the k sampled actions, whatever they are; bounds [-1, 1]."""
+
+    low, high = torch.tensor([-1.0]), torch.tensor([1.0])
 
     def forward(self, obs, actions):
         return torch.arange(actions.shape[-2], dtype=torch.float32).expand(actions.shape[:-1])
@@ -169,9 +169,26 @@ def test_actor_regresses_on_unclipped_actions_of_the_stored_mu_weighted_by_advan
     args = qwr.Args(actor_steps=1, batch_size=4, n_samples=4, beta=1.0, max_weight=20.0, action_std=0.4)
     actor = ConstantActor(0.2)
     optimiser = torch.optim.SGD(actor.parameters(), lr=0.0)
-    metrics = qwr.train_actor(args, buf, actor, IndexQ(), optimiser, qwr.ObsNormalizer(1, 0), BOUNDS)
+    metrics = qwr.train_actor(args, buf, actor, IndexQ(), optimiser, qwr.ObsNormalizer(1, 0))
     # Q = 0, 1, 2, 3 -> A = -1.5, -0.5, 0.5, 1.5; over the batch mean 0, std sqrt(1.25): w = exp(A / 1.118).
     w = np.exp(np.array([-1.5, -0.5, 0.5, 1.5]) / np.sqrt(1.25))
     log_prob = -((1.5 - 0.2) ** 2) / (2 * 0.4**2) - np.log(0.4) - 0.5 * np.log(2 * np.pi)  # at 1.5, not at 1
     assert metrics["actor_loss"] == pytest.approx(-w.mean() * log_prob, rel=1e-4)
     assert metrics["clipped_weight_fraction"] == 0.0 and metrics["mean_at_bound_fraction"] == 0.0
+
+
+def test_the_critic_sees_the_action_the_environment_executes():
+    torch.manual_seed(0)
+    critic = qwr.QNetwork(3, torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.5]), out_scale=100.0)
+    obs = torch.randn(3)
+    q = critic(obs, torch.tensor([[3.0, -2.0], [1.0, -0.5], [0.2, 0.1]]))
+    assert q[0].item() == pytest.approx(q[1].item(), abs=1e-5)  # (3, -2) is executed as (1, -0.5)
+    assert abs(q[1].item() - q[2].item()) > 1e-3
+
+
+def test_sampled_actions_come_from_each_state_s_own_gaussian():
+    torch.manual_seed(0)
+    mean, std = torch.tensor([[0.0, 10.0], [-5.0, 1.0]]), torch.tensor([[1.0, 0.1], [0.5, 2.0]])
+    a = qwr.sample_actions(mean, std, 20_000)
+    assert a.shape == (2, 20_000, 2)
+    assert torch.allclose(a.mean(1), mean, atol=0.05) and torch.allclose(a.std(1), std, rtol=0.03)

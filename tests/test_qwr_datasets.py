@@ -66,8 +66,8 @@ def test_a_missing_dataset_lists_what_is_there_and_how_to_make_one(datasets_dir)
     assert "python qwr_continuous.py --env-id Walker2d-v4 --save-dataset local/walker2d/missing-v0" in str(error.value)
 
 
-TINY = dict(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=4, actor_steps=4,
-            batch_size=32, buffer_size=1000, eval_every=2, eval_episodes=1, cuda=False)
+UPDATES = dict(critic_steps=4, actor_steps=4, batch_size=32, eval_every=2, eval_episodes=1, cuda=False)
+TINY = dict(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, buffer_size=1000, **UPDATES)
 
 
 def test_online_run_writes_both_datasets_then_trains_offline_from_one(datasets_dir):
@@ -76,12 +76,18 @@ def test_online_run_writes_both_datasets_then_trains_offline_from_one(datasets_d
     buffer, _, _ = qwr.load_dataset("local/hopper/replay-v0", 0.4, "cpu")
     assert buffer.size == 200  # every step collected
     assert qwr.load_dataset("local/hopper/policy-v0", 0.4, "cpu")[0].data["episode_end"].sum() == 3
-    m = qwr.train(qwr.Args(**TINY | dict(env_id="Walker2d-v4"), offline_dataset_id="local/hopper/replay-v0",
-                           offline_iterations=2))
+    m = qwr.train_offline(qwr.Args(**UPDATES, offline_dataset_id="local/hopper/replay-v0", offline_iterations=2))
     assert m["global_step"] == 2 and math.isfinite(m["critic_loss"])
     episodes = int(buffer.data["episode_end"].sum())  # the mean episode return of the 200 steps collected
     assert m["dataset_return"] == pytest.approx(float(buffer.data["reward"].sum()) / episodes)
     assert math.isfinite(m["normalized_score"]) and "Hopper-v4" in m["run_name"]  # the dataset's env
+    offline = dict(UPDATES, offline_dataset_id="local/hopper/replay-v0")
+    with pytest.raises(qwr.UsageError, match="--total-timesteps applies to online training only"):
+        qwr.train_offline(qwr.Args(**offline, total_timesteps=5000))
+    with pytest.raises(qwr.UsageError, match="--env-id Walker2d-v4 is not the dataset's environment, Hopper-v4"):
+        qwr.train_offline(qwr.Args(**offline, env_id="Walker2d-v4"))
+    with pytest.raises(qwr.UsageError, match="--offline-iterations applies to offline training only"):
+        qwr.train(qwr.Args(**TINY, offline_iterations=5))
     with pytest.raises(qwr.UsageError, match="exists already"):
         qwr.train(qwr.Args(**TINY, save_dataset="local/hopper/replay-v0"))
 

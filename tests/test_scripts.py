@@ -6,7 +6,9 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,38 +19,49 @@ import qwr_continuous
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(env_id="Hopper-v4", batch_size=32, buffer_size=1000, eval_episodes=2, cuda=False)
-# script -> (module, a tiny run, steps to resume to, metrics that must be finite)
+
+
+@dataclass
+class Tiny:
+    """A script's tiny run: its flags, the total steps a resumed run goes on to, the metrics that must be finite."""
+
+    module: ModuleType
+    flags: dict
+    resume_to: int
+    finite: tuple
+
+
 TINY = {
-    "qwr": (qwr_continuous, dict(total_timesteps=200, steps_per_iteration=100, critic_steps=8, actor_steps=8,
-                                 eval_every=1), 300,
-            ("critic_loss", "actor_loss", "q_mean", "target_mean", "eval_return", "sps")),
+    "qwr": Tiny(qwr_continuous, dict(total_timesteps=200, steps_per_iteration=100, critic_steps=8, actor_steps=8,
+                                     eval_every=1), resume_to=300,
+                finite=("critic_loss", "actor_loss", "q_mean", "target_mean", "eval_return", "sps")),
     # 250 steps in iterations of 100: the last iteration collects 50, with fewer updates.
-    "awr": (awr_continuous, dict(total_timesteps=250, samples_per_iteration=100, critic_steps=8, actor_steps=8,
-                                 eval_every=1), 350,
-            ("critic_loss", "actor_loss", "value_mean", "return_mean", "eval_return", "sps")),
-    "iq": (iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150), 450,
-           ("loss", "eval_return", "sps")),
-    "iq-gaussian": (iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150,
-                                        policy="gaussian"), 450, ("loss", "eval_return", "sps")),
+    "awr": Tiny(awr_continuous, dict(total_timesteps=250, samples_per_iteration=100, critic_steps=8, actor_steps=8,
+                                     eval_every=1), resume_to=350,
+                finite=("critic_loss", "actor_loss", "value_mean", "return_mean", "eval_return", "sps")),
+    "iq": Tiny(iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150), resume_to=450,
+               finite=("loss", "eval_return", "sps")),
+    "iq-gaussian": Tiny(iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150,
+                                            policy="gaussian"), resume_to=450, finite=("loss", "eval_return", "sps")),
 }
 
 
 def tiny(script: str, **overrides):
-    module, config = TINY[script][:2]
-    return module.Args(**(COMMON | config | overrides))
+    return TINY[script].module.Args(**(COMMON | TINY[script].flags | overrides))
 
 
 @pytest.mark.parametrize("script", TINY)
 def test_smoke_run_checkpoint_resume_and_eval(script, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    module, config, resume_to, finite = TINY[script]
+    run = TINY[script]
+    module = run.module
     m = module.train(tiny(script, save_model=True))
-    for key in finite:
+    for key in run.finite:
         assert math.isfinite(m[key]), key
-    assert m["global_step"] == config["total_timesteps"] and Path(m["checkpoint"]).is_file()
+    assert m["global_step"] == run.flags["total_timesteps"] and Path(m["checkpoint"]).is_file()
     assert list(Path("runs", m["run_name"]).glob("events.out.tfevents*"))
-    resumed = module.train(tiny(script, total_timesteps=resume_to, checkpoint_path=m["checkpoint"]))
-    assert resumed["global_step"] == resume_to and math.isfinite(resumed[finite[0]])
+    resumed = module.train(tiny(script, total_timesteps=run.resume_to, checkpoint_path=m["checkpoint"]))
+    assert resumed["global_step"] == run.resume_to and all(math.isfinite(resumed[k]) for k in run.finite)
     ev = module.train(tiny(script, checkpoint_path=m["checkpoint"], eval_only=True, eval_episodes=3))
     assert len(ev["eval_returns"]) == 3 and ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"]))
 
@@ -56,10 +69,11 @@ def test_smoke_run_checkpoint_resume_and_eval(script, tmp_path, monkeypatch):
 @pytest.mark.parametrize("script", ["qwr", "awr", "iq"])
 def test_same_seed_same_numbers(script, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    module, config, _, finite = TINY[script]
-    steps = config.get("learning_starts", 0) + 100
-    a, b = (module.train(tiny(script, total_timesteps=steps, eval_every=100)) for _ in range(2))
-    assert [a[k] for k in finite[:-1]] == [b[k] for k in finite[:-1]]  # all but the speed
+    run = TINY[script]
+    steps = run.flags.get("learning_starts", 0) + 100
+    a, b = (run.module.train(tiny(script, total_timesteps=steps, eval_every=100)) for _ in range(2))
+    same = [k for k in run.finite if k != "sps"]  # all but the speed
+    assert [a[k] for k in same] == [b[k] for k in same]
 
 
 BAD_INPUT = [
@@ -75,6 +89,7 @@ BAD_INPUT = [
     ("qwr", dict(total_timesteps=150), "multiple of --steps-per-iteration"),
     ("qwr", dict(tau=0.0), "--tau must be > 0"),
     ("qwr", dict(td_lambda=1.5), "--td-lambda"),
+    ("qwr", dict(offline_iterations=5), "--offline-iterations applies to offline training only"),
     ("awr", dict(num_envs=3), "multiple of --num-envs"),
     ("awr", dict(gamma=1.0), "--gamma must be in (0, 1)"),
     ("awr", dict(actor_lr=0.0), "--actor-lr and --action-std must be > 0"),
@@ -87,7 +102,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("script, overrides, message", BAD_INPUT)
 def test_bad_input_is_a_usage_error_before_training(script, overrides, message):
-    module = TINY[script][0]
+    module = TINY[script].module
     with pytest.raises(module.UsageError, match=re.escape(message)):
         module.train(tiny(script, **overrides))
 
