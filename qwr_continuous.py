@@ -23,6 +23,8 @@ import copy
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 import warnings
@@ -132,11 +134,15 @@ class Args:
     """episodes in the --save-policy-dataset dataset (the paper's offline datasets have 50, Fig. 3)"""
 
 
+SCRIPT = "qwr_continuous.py"
 DEFAULT_ENV_ID = "Walker2d-v4"
 # Flags that mean something in one mode only: set in the other, they are an error, not silently ignored.
 ONLINE_ONLY = ("total_timesteps", "steps_per_iteration", "num_envs", "buffer_size", "obs_norm_sample_limit",
                "save_dataset")
 OFFLINE_ONLY = ("offline_iterations",)
+# Flags that can break the numbers: a non-finite loss names those set away from their defaults.
+SENSITIVE = ("critic_lr", "actor_lr", "tau", "backup_scale", "beta", "max_weight", "action_std", "gamma",
+             "scale_value_targets")
 
 
 class UsageError(ValueError):
@@ -146,6 +152,24 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------
 # The math of QWR, as pure functions (tests/ check them against hand values)
 # ----------------------------------------------------------------------------
+
+
+class Stop:
+    """From the command line, SIGINT (Ctrl-C) or SIGTERM sets Stop.signal: training stops at the next
+    safe point (between two gradient steps), writes a checkpoint and says how to resume. A second
+    signal stops the process at once."""
+
+    signal: Optional[int] = None
+
+    @classmethod
+    def catch_signals(cls) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, cls.request)
+
+    @classmethod
+    def request(cls, signum, frame) -> None:
+        cls.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def sample_actions(mu_mean: torch.Tensor, mu_std: torch.Tensor, k: int) -> torch.Tensor:
@@ -502,8 +526,10 @@ def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
 
 def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm) -> dict:
     """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4."""
-    sums = torch.zeros(3, device=buffer.device)
+    sums, taken = torch.zeros(3, device=buffer.device), 0
     for i in range(args.critic_steps):
+        if Stop.signal:
+            break
         if i % args.target_update_every == 0:  # Alg. 2 l.8-9: the target network is the critic of now
             target.load_state_dict(critic.state_dict())
         b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11: (s, mu, a, r, s'), T steps on
@@ -520,15 +546,17 @@ def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, o
         critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         critic_opt.step()
-        sums += torch.stack([loss.detach(), q.detach().mean(), y.mean()])
-    loss, q_mean, y_mean = (sums / max(1, args.critic_steps)).tolist()
+        sums, taken = sums + torch.stack([loss.detach(), q.detach().mean(), y.mean()]), taken + 1
+    loss, q_mean, y_mean = (sums / max(1, taken)).tolist()
     return {"critic_loss": loss, "q_mean": q_mean, "target_mean": y_mean}
 
 
 def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm) -> dict:
     """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu."""
-    sums = torch.zeros(5, device=buffer.device)
+    sums, taken = torch.zeros(5, device=buffer.device), 0
     for _ in range(args.actor_steps):
+        if Stop.signal:
+            break
         b = buffer.sample(args.batch_size, 1)  # Alg. 2 l.17: (s, mu)
         obs = obs_norm(b["obs"][:, 0])
         actions = sample_actions(b["mu_mean"][:, 0], b["mu_std"][:, 0], args.n_samples)  # Alg. 2 l.18: [B, k, d]
@@ -536,9 +564,10 @@ def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_
             # Alg. 2 l.19-20: V = mean_j Q(s, a_j), weights xi = exp((Q - V) / beta), normalised and clipped.
             q = critic(obs, actions)
             weights = advantage_weights(q, args.beta, args.max_weight)
-        # Alg. 2 l.21: ascend mean_j xi_j log pi(a_j|s).
+        # Alg. 2 l.21: ascend mean_j xi_j log pi(a_j|s), pi = N(actor(s), action_std) per dimension.
         mean = actor(obs)
-        log_prob = torch.distributions.Normal(mean.unsqueeze(1), args.action_std).log_prob(actions).sum(-1)
+        z = (actions - mean.unsqueeze(1)) / args.action_std
+        log_prob = (-0.5 * z.pow(2) - math.log(args.action_std * math.sqrt(2 * math.pi))).sum(-1)
         loss = -(weights * log_prob).mean()
         actor_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -546,10 +575,11 @@ def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_
         # Diagnostics: clipped weights; policy means at or past the action bounds; how much Q
         # and the weights vary over the k actions of one state (std over k, averaged over states).
         at_bound = ((mean.detach() <= critic.low) | (mean.detach() >= critic.high)).float().mean()
-        sums += torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
-                             q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
+        sums = sums + torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
+                                   q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
+        taken += 1
     names = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
-    return dict(zip(names, (sums / max(1, args.actor_steps)).tolist()))
+    return dict(zip(names, (sums / max(1, taken)).tolist()))
 
 
 # ----------------------------------------------------------------------------
@@ -622,15 +652,26 @@ def open_writer(args: Args, run_name: str) -> SummaryWriter:
 
 
 def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]) -> tuple[int, Optional[str]]:
-    """Load --checkpoint-path into learner (and buffer, online); return its iteration and run name."""
-    ckpt = torch.load(args.checkpoint_path, map_location=learner.critic.low.device, weights_only=False)
+    """Load --checkpoint-path into learner (and buffer, online); return its iteration and run name.
+    A file that does not fit this run is refused with one line naming it and the mismatch."""
+    path = args.checkpoint_path
+    try:
+        ckpt = torch.load(path, map_location=learner.critic.low.device, weights_only=False)
+    except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script", SCRIPT) != SCRIPT or not set(Learner.SAVED) <= set(ckpt):
+        script = ckpt.get("script", "another script") if isinstance(ckpt, dict) else "not a dict"
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({script})")
     if ckpt["args"]["env_id"] != args.env_id:
-        raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+        raise UsageError(f"{path} was trained on {ckpt['args']['env_id']}, not {args.env_id}")
     for k in ("actor", "obs_norm") if args.eval_only else Learner.SAVED:
-        getattr(learner, k).load_state_dict(ckpt[k])
+        try:
+            getattr(learner, k).load_state_dict(ckpt[k])
+        except (RuntimeError, ValueError, KeyError) as e:  # another network size, head or optimiser
+            raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
     if buffer is not None and not args.eval_only:
         if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
-            raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
+            raise UsageError(f"{path}: resume with the checkpoint's --buffer-size and --num-envs")
         buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
         # The environments restart, so the stored episode in progress ends here.
         buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
@@ -648,7 +689,7 @@ def save_checkpoint(path: str, args: Args, learner: Learner, iteration: int, run
     rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
                torch=torch.get_rng_state())
     ckpt = {k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
-        args=asdict(args), iteration=iteration, run_name=run_name, rng=rng,
+        script=SCRIPT, args=asdict(args), iteration=iteration, run_name=run_name, rng=rng,
         buffer=buffer and buffer.data, buffer_ptr=buffer and buffer.ptr, buffer_size=buffer and buffer.size)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
@@ -659,7 +700,10 @@ def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: 
     """Log an iteration's metrics; when evaluate_now, evaluate the policy (deterministic and
     sampled) and write a checkpoint if asked. Returns the status line's evaluation part."""
     if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
-        raise FloatingPointError(f"non-finite losses at step {step}: {metrics}")
+        defaults = Args()
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE if getattr(args, k) != getattr(defaults, k)]
+        raise FloatingPointError(f"non-finite losses at step {step} (critic {metrics['critic_loss']}, actor "
+                                 f"{metrics['actor_loss']}); likely cause: {', '.join(changed) or 'none of the flags'}")
     for k in ("critic_loss", "actor_loss", "q_mean", "target_mean", "clipped_weight_fraction"):
         writer.add_scalar(f"losses/{k}", metrics[k], step)
     for k in ("mean_at_bound_fraction", "q_spread", "weight_spread"):
@@ -682,6 +726,20 @@ def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: 
         metrics["checkpoint"] = f"runs/{run_name}/{args.exp_name}.pt"
         save_checkpoint(metrics["checkpoint"], args, learner, metrics["iteration"], run_name, buffer)
     return line
+
+
+def exit_interrupted(args: Args, learner: Learner, iteration: int, run_name: str, buffer=None) -> None:
+    """After Stop.signal: save the run as it stands and exit with the command that resumes it."""
+    path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
+    save_checkpoint(path, args, learner, iteration, run_name, buffer)
+    defaults = asdict(Args())
+    flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+             else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items() if v != defaults[k]
+             and k != "checkpoint_path"]
+    command = shlex.join(["python", SCRIPT, *flags, f"--checkpoint-path={path}"])
+    print(f"stopped by {signal.Signals(Stop.signal).name} after iteration {iteration}, saved; resume with: {command}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + Stop.signal)
 
 
 # ----------------------------------------------------------------------------
@@ -746,6 +804,8 @@ def train(args: Args) -> dict:
         line += end_of_iteration(args, writer, learner, metrics, step, evaluate_now, run_name, device, buffer=buffer)
         print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {sps} SPS, "
               f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+        if Stop.signal:  # this iteration's remaining updates are skipped
+            exit_interrupted(args, learner, iteration + 1, run_name, buffer)
     envs.close()
     writer.close()
     write_datasets(args, collected, learner, device, run_name, envs.single_action_space)
@@ -791,6 +851,8 @@ def train_offline(args: Args) -> dict:
             args, writer, learner, metrics, iteration + 1, evaluate_now, run_name, device, refs)
         print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | "
               f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+        if Stop.signal:
+            exit_interrupted(args, learner, iteration + 1, run_name)
     writer.close()
     write_datasets(args, [], learner, device, run_name, env.action_space)
     print(f"done: eval return {metrics.get('eval_return', float('nan')):.1f} after {args.offline_iterations} "
@@ -907,6 +969,7 @@ def write_datasets(args: Args, collected: list, learner: Learner, device, run_na
 
 if __name__ == "__main__":
     cli_args = tyro.cli(Args)
+    Stop.catch_signals()
     try:
         (train_offline if cli_args.offline_dataset_id and not cli_args.eval_only else train)(cli_args)
     except UsageError as e:

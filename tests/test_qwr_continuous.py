@@ -192,3 +192,28 @@ def test_sampled_actions_come_from_each_state_s_own_gaussian():
     a = qwr.sample_actions(mean, std, 20_000)
     assert a.shape == (2, 20_000, 2)
     assert torch.allclose(a.mean(1), mean, atol=0.05) and torch.allclose(a.std(1), std, rtol=0.03)
+
+
+@pytest.mark.parametrize("flags", [dict(tau=tau, backup_scale=scale) for tau in (1e-6, 1e6)
+                                   for scale in ("mad", "std", "none")]
+                         + [dict(beta=1e-3), dict(max_weight=1e6), dict(beta=1e-3, max_weight=1e6)])
+def test_extreme_settings_keep_every_loss_finite(flags):
+    torch.manual_seed(0)
+    args = qwr.Args(critic_steps=5, actor_steps=5, batch_size=16, **flags)
+    buf = qwr.ReplayBuffer(64, 1, 3, 2, "cpu")
+    buf.add(dict(obs=torch.randn(64, 1, 3) * 10, next_obs=torch.randn(64, 1, 3) * 10, action=torch.randn(64, 1, 2),
+                 mu_mean=torch.randn(64, 1, 2), mu_std=torch.full((64, 1, 2), 0.4), next_mu_mean=torch.randn(64, 1, 2),
+                 reward=torch.randn(64, 1) * 100, terminated=torch.rand(64, 1) < 0.1,
+                 episode_end=torch.rand(64, 1) < 0.2))
+    learner = qwr.make_learner(args, 3, qwr.gym.spaces.Box(-1, 1, (2,)), "cpu", 1000)
+    metrics = qwr.train_critic(args, buf, learner.critic, learner.target, learner.critic_opt, learner.obs_norm)
+    metrics |= qwr.train_actor(args, buf, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm)
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = qwr.Args(env_id="Hopper-v4", total_timesteps=100, steps_per_iteration=100, critic_steps=20, actor_steps=2,
+                    batch_size=32, eval_episodes=0, critic_lr=1e30, cuda=False)
+    with pytest.raises(FloatingPointError, match=r"non-finite losses at step 100 .*likely cause: --critic-lr 1e\+30"):
+        qwr.train(args)

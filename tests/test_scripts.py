@@ -4,6 +4,8 @@ seed; and a user's mistake reported in one line before any training."""
 
 import math
 import re
+import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 import awr_continuous
 import iq_continuous
@@ -122,3 +125,57 @@ def test_bitflip_rejects_an_impossible_flag_in_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: --n-bits must be >= 1"
+
+
+# ------------------------------------------------ interrupted runs, bad checkpoints (issue: long runs survive)
+
+INTERRUPTIBLE = {"qwr": ["--total-timesteps", "400", "--steps-per-iteration", "100", "--critic-steps", "300",
+                         "--actor-steps", "300", "--eval-every", "4"]}
+
+
+@pytest.mark.parametrize("script", INTERRUPTIBLE)
+def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_log(script, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = str(ROOT / f"{TINY[script].module.__name__}.py")
+    flags = ["--env-id", "Hopper-v4", "--batch-size", "32", "--buffer-size", "1000", "--eval-episodes", "1",
+             "--no-cuda", *INTERRUPTIBLE[script]]
+    proc = subprocess.Popen([sys.executable, path, *flags], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # stop it during its second iteration
+        if line.startswith("iter 1/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signal.SIGINT, err
+    # (the signal can land before or after the check that ends iteration 1)
+    assert re.match(r"stopped by SIGINT after iteration [12], saved; resume with: python \S+\.py .*--checkpoint-path=",
+                    last), last
+    command = shlex.split(last.split("resume with: ", 1)[1])
+    done = subprocess.run([sys.executable, path, *command[2:]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    [run_dir] = list((tmp_path / "runs").iterdir())  # one run, one log directory
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("charts/SPS")] == [100, 200, 300, 400]
+    assert [e.step for e in ea.Scalars("charts/eval_return")] == [400]
+
+
+def test_bad_checkpoints_are_refused_in_one_line_naming_the_file_and_the_mismatch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = qwr_continuous.train(tiny("qwr", total_timesteps=100, save_model=True))["checkpoint"]
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save({"script": "awr_continuous.py", "actor": {}}, tmp_path / "awr.pt")
+    cases = [
+        ("notes.pt", {}, "notes.pt is not a checkpoint (UnpicklingError"),
+        ("awr.pt", {}, "awr.pt is not a checkpoint of qwr_continuous.py (awr_continuous.py)"),
+        (good, dict(env_id="Walker2d-v4"), "was trained on Hopper-v4, not Walker2d-v4"),
+        (good, dict(critic_head="linear"), "its critic does not fit this run's"),
+        (good, dict(buffer_size=2000), "resume with the checkpoint's --buffer-size"),
+    ]
+    for path, overrides, message in cases:
+        with pytest.raises(qwr_continuous.UsageError, match=re.escape(message)) as error:
+            qwr_continuous.train(tiny("qwr", total_timesteps=200, checkpoint_path=str(path), **overrides))
+        assert "\n" not in str(error.value) and Path(path).name in str(error.value)
