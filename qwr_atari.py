@@ -22,6 +22,8 @@ import copy
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -79,7 +81,7 @@ class Args:
     """scale s(X) of Eq. 6 over the batch: mean absolute deviation (100K), standard deviation, or 1"""
     n_samples: int = 4
     """k, actions sampled from the stored mu of each next state for the backup"""
-    n_steps: int = 3
+    target_horizon: int = 3
     """T, the horizon of the multi-step targets"""
     td_lambda: float = 0.95
     """lambda of the truncated TD(lambda) mix of the 1..T-step targets"""
@@ -147,9 +149,11 @@ def backup_values(q: torch.Tensor, kind: str, tau: float, scale: str) -> torch.T
          "none": lambda: torch.ones((), dtype=q.dtype, device=q.device)}[scale]()
     temp = s * tau
     safe_temp = torch.where(temp > 0, temp, torch.ones_like(temp))  # no NaN value or gradient at s = 0
-    mean = q.mean(-1, keepdim=True)
-    lse = safe_temp * (torch.logsumexp((q - mean) / safe_temp, -1) - math.log(q.shape[-1]))
-    return torch.where(temp > 0, mean.squeeze(-1) + lse, mean.squeeze(-1))
+    # temp * log mean exp(q / temp) as top + temp * log1p(mean(expm1((q - top) / temp))), top = max q:
+    # no overflow, and no float32 cancellation of log(k) at high temperatures (F near the mean).
+    top = q.amax(-1, keepdim=True)
+    lse = top.squeeze(-1) + safe_temp * torch.log1p(torch.expm1((q - top) / safe_temp).mean(-1))
+    return torch.where(temp > 0, lse, q.mean(-1))
 
 
 def td_lambda_targets(rewards, bootstrap, terminated, last, gamma: float, lam: float) -> torch.Tensor:
@@ -235,7 +239,7 @@ def check_args(args: Args) -> None:
          "--total-timesteps must be a multiple of --steps-per-iteration"),
         (args.steps_per_iteration % args.num_envs != 0, "--steps-per-iteration must be a multiple of --num-envs"),
         (args.buffer_size < args.steps_per_iteration, "--buffer-size must hold at least one iteration"),
-        (min(args.n_samples, args.n_steps, args.batch_size, args.num_envs) < 1,
+        (min(args.n_samples, args.target_horizon, args.batch_size, args.num_envs) < 1,
          "--n-samples, --n-steps, --batch-size and --num-envs must be >= 1"),
         (not 0 <= args.td_lambda <= 1, "--td-lambda must be in [0, 1]"),
         (not 0 < args.gamma < 1, "--gamma must be in (0, 1)"),
@@ -306,12 +310,12 @@ class FrameReplayBuffer:
         idx = torch.maximum(idx, first[..., None]) % self.frame_capacity
         return self.frames[idx, env[..., None].expand_as(idx)]
 
-    def sample(self, batch_size: int, n_steps: int) -> dict:
-        """Slices of n_steps consecutive steps [B, T, ...]; "last" marks where a
+    def sample(self, batch_size: int, horizon: int) -> dict:
+        """Slices of `horizon` consecutive steps [B, T, ...]; "last" marks where a
         slice must stop (an episode end, or the newest stored step)."""
         row = torch.randint(0, self.size, (batch_size,), device=self.device)
         env = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
-        rows = (row[:, None] + torch.arange(n_steps, device=self.device)) % self.capacity
+        rows = (row[:, None] + torch.arange(horizon, device=self.device)) % self.capacity
         envs = env[:, None].expand_as(rows)
         out = {k: v[rows, envs] for k, v in self.data.items()}
         out["last"] = out["episode_end"] | (rows == (self.ptr - 1) % self.capacity)
@@ -376,12 +380,12 @@ class Actor(nn.Module):
 
 
 @torch.no_grad()
-def collect(envs, obs: np.ndarray, n_steps: int, actor, buffer: FrameReplayBuffer, device) -> tuple:
-    """Act for n_steps vector steps, writing frames and transitions into the buffer."""
+def collect(envs, obs: np.ndarray, steps_per_env: int, actor, buffer: FrameReplayBuffer, device) -> tuple:
+    """Act for steps_per_env vector steps, writing frames and transitions into the buffer."""
     episodes = []
     all_envs = np.arange(envs.num_envs)
     probs = torch.softmax(actor(torch.as_tensor(obs, device=device)), -1)
-    for _ in range(n_steps):
+    for _ in range(steps_per_env):
         action = torch.multinomial(probs, 1).squeeze(-1)
         next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         ended = terminated | truncated
@@ -421,33 +425,38 @@ def evaluate(args: Args, actor, device, seed: int, video_folder: Optional[str] =
 
 def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_opt) -> dict:
     """Algorithm 2 lines 6-15 with k actions from the stored categorical mu at s'."""
-    sums = torch.zeros(2, device=buffer.device)
+    sums, taken = torch.zeros(2, device=buffer.device), 0
     for i in range(args.critic_steps):
-        if i % args.target_update_every == 0:
+        if Stop.signal:
+            break
+        if i % args.target_update_every == 0:  # Alg. 2 l.8-9
             target.load_state_dict(critic.state_dict())
-        b = buffer.sample(args.batch_size, args.n_steps)
+        b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11
         with torch.no_grad():
             next_q = target(b["next_obs"])  # [B, T, A]
             B, T, A = next_q.shape
-            # (+1e-12: slices past the newest step read unwritten zero rows, whose targets "last" discards)
+            # Alg. 2 l.12: k actions a' ~ mu(.|s'). (+1e-12: slices past the newest step read unwritten zero
+            # rows, whose targets "last" discards)
             sampled = torch.multinomial(b["next_mu"].reshape(B * T, A) + 1e-12, args.n_samples, replacement=True)
             bootstrap = backup_values(next_q.reshape(B * T, A).gather(-1, sampled).view(B, T, -1),
                                       args.backup, args.tau, args.backup_scale)
             y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
         q = critic(b["obs"]).gather(-1, b["action"][:, :1]).squeeze(-1)
-        loss = ((q - y) / critic.out_scale).pow(2).mean()
+        loss = ((q - y) / critic.out_scale).pow(2).mean()  # Alg. 2 l.14
         critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         critic_opt.step()
-        sums += torch.stack([loss.detach(), q.detach().mean()])
-    loss, q_mean = (sums / max(1, args.critic_steps)).tolist()
+        sums, taken = sums + torch.stack([loss.detach(), q.detach().mean()]), taken + 1
+    loss, q_mean = (sums / max(1, taken)).tolist()
     return {"critic_loss": loss, "q_mean": q_mean}
 
 
 def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt) -> dict:
     """Algorithm 2 lines 16-22, summed exactly over the actions (Section 4.1)."""
-    sums = torch.zeros(1, device=buffer.device)
+    sums, taken = torch.zeros(1, device=buffer.device), 0
     for _ in range(args.actor_steps):
+        if Stop.signal:
+            break
         b = buffer.sample(args.batch_size, 1)
         with torch.no_grad():
             q = critic(b["obs"])
@@ -455,8 +464,91 @@ def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt)
         actor_opt.zero_grad(set_to_none=True)
         loss.backward()
         actor_opt.step()
-        sums += loss.detach()
-    return {"actor_loss": (sums / max(1, args.actor_steps)).item()}
+        sums, taken = sums + loss.detach(), taken + 1
+    return {"actor_loss": (sums / max(1, taken)).item()}
+
+
+# ----------------------------------------------------------------------------
+# Around the loop: checkpoints, interruption
+# ----------------------------------------------------------------------------
+
+SCRIPT = "qwr_atari.py"
+SAVED = ("actor", "critic", "actor_opt", "critic_opt")  # the target is re-copied at each iteration's start
+BUFFER_STATE = ("frames", "frame_count", "episode_first", "ptr", "size")
+# Flags that can break the numbers: a non-finite loss names those set away from their defaults.
+SENSITIVE = ("critic_lr", "actor_lr", "tau", "backup_scale", "beta", "max_weight", "gamma", "scale_value_targets")
+
+
+class Stop:
+    """From the command line, SIGINT (Ctrl-C) or SIGTERM sets Stop.signal: training stops at the next
+    safe point (between two gradient steps), writes a checkpoint and says how to resume. A second
+    signal stops the process at once."""
+
+    signal: Optional[int] = None
+
+    @classmethod
+    def catch_signals(cls) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, cls.request)
+
+    @classmethod
+    def request(cls, signum, frame) -> None:
+        cls.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def load_checkpoint(args: Args, state: dict, buffer: FrameReplayBuffer, device) -> tuple[int, Optional[str]]:
+    """Load --checkpoint-path into the networks, optimisers and buffer; return its iteration and run name.
+    A file that does not fit this run is refused with one line naming it and the mismatch."""
+    path = args.checkpoint_path
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script", SCRIPT) != SCRIPT or not set(SAVED) <= set(ckpt):
+        script = ckpt.get("script", "another script") if isinstance(ckpt, dict) else "not a dict"
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({script})")
+    if ckpt["args"]["env_id"] != args.env_id:
+        raise UsageError(f"{path} was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+    for k in ("actor",) if args.eval_only else SAVED:
+        try:
+            state[k].load_state_dict(ckpt[k])
+        except (RuntimeError, ValueError, KeyError) as e:  # another torso, head or number of actions
+            raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
+    if not args.eval_only:
+        if ckpt["buffer"]["data"]["frame"].shape != buffer.data["frame"].shape:
+            raise UsageError(f"{path}: resume with the checkpoint's --buffer-size and --num-envs")
+        buffer.data = ckpt["buffer"]["data"]
+        for k, v in ckpt["buffer_state"].items():
+            setattr(buffer, k, v)
+        # The games restart, so the stored episode in progress ends here.
+        buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
+        if "rng" in ckpt:  # the random streams go on where they stopped
+            random.setstate(ckpt["rng"]["python"])
+            np_state = ckpt["rng"]["numpy"]
+            np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
+            torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["iteration"], ckpt.get("run_name")
+
+
+def save_checkpoint(path: str, args: Args, state: dict, buffer: FrameReplayBuffer, iteration: int,
+                    run_name: str) -> None:
+    np_state = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+               torch=torch.get_rng_state())
+    torch.save({k: state[k].state_dict() for k in SAVED} | dict(
+        script=SCRIPT, args=asdict(args), iteration=iteration, run_name=run_name, rng=rng,
+        buffer={"data": buffer.data}, buffer_state={k: getattr(buffer, k) for k in BUFFER_STATE}), path + ".tmp")
+    os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
+
+
+def resume_command(args: Args, path: str) -> str:
+    """The command line that continues this run from the checkpoint at path."""
+    defaults = asdict(Args())
+    flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+             else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items()
+             if v != defaults[k] and k != "checkpoint_path"]
+    return shlex.join(["python", SCRIPT, *flags, f"--checkpoint-path={path}"])
 
 
 def train(args: Args) -> dict:
@@ -471,6 +563,7 @@ def train(args: Args) -> dict:
 
     envs = make_vec_env(args.env_id, args.num_envs, args.train_episode_steps, args.noop_max)
     n_actions = envs.single_action_space.n
+    # Alg. 2 l.1-3: random actor and critic, an empty replay buffer.
     actor = Actor(n_actions, args.torso).to(device)
     critic = QNetwork(n_actions, args.torso, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
                       args.critic_head).to(device)
@@ -480,22 +573,10 @@ def train(args: Args) -> dict:
     buffer = FrameReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, n_actions, device)
     state = dict(actor=actor, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
 
-    start_iteration = 0
-    if args.checkpoint_path:
-        ckpt = torch.load(args.checkpoint_path, map_location=device, weights_only=False)
-        if ckpt["args"]["env_id"] != args.env_id:
-            raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
-        for k in ("actor",) if args.eval_only else state:
-            state[k].load_state_dict(ckpt[k])
-        if not args.eval_only:
-            if ckpt["buffer"]["data"]["frame"].shape != buffer.data["frame"].shape:
-                raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
-            buffer.data = ckpt["buffer"]["data"]
-            for k, v in ckpt["buffer_state"].items():
-                setattr(buffer, k, v)
-            # The games restart, so the stored episode in progress ends here.
-            buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
-            start_iteration = ckpt["iteration"]
+    start = 0
+    if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
+        start, saved_name = load_checkpoint(args, state, buffer, device)
+        run_name = saved_name or run_name
     if args.eval_only:
         returns = evaluate(args, actor, device, args.seed + 10_000,
                            f"videos/{run_name}" if args.capture_video else None)
@@ -507,24 +588,30 @@ def train(args: Args) -> dict:
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_iterations = args.total_timesteps // args.steps_per_iteration
     print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
-    obs, _ = envs.reset(seed=args.seed)
+    # A resumed run restarts its games; a new seed keeps them from repeating the first iteration's.
+    obs, _ = envs.reset(seed=args.seed + start)
     buffer.push_frames(obs[:, -1], np.arange(args.num_envs), new_episode=True)
-    start_time, start_step = time.time(), start_iteration * args.steps_per_iteration
-    metrics: dict = {"eval_return": float("nan")}
-    for iteration in range(start_iteration, n_iterations):
+    start_time, start_step = time.time(), start * args.steps_per_iteration
+    metrics: dict = {}
+    for iteration in range(start, n_iterations):  # Alg. 2 l.4
         iteration_start = time.time()
+        # Alg. 2 l.5: play with the current policy, storing each step's mu.
         obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, buffer, device)
         global_step = (iteration + 1) * args.steps_per_iteration
         for ret, length in episodes:
             writer.add_scalar("charts/episodic_return", ret, global_step)
             writer.add_scalar("charts/episodic_length", length, global_step)
-        metrics.update(train_critic(args, buffer, critic, target, critic_opt))
-        metrics.update(train_actor(args, buffer, actor, critic, actor_opt))
+        metrics = train_critic(args, buffer, critic, target, critic_opt)  # Alg. 2 l.6-15
+        metrics |= train_actor(args, buffer, actor, critic, actor_opt)  # Alg. 2 l.16-22
         if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
-            raise FloatingPointError(f"non-finite losses at iteration {iteration + 1}: {metrics}")
+            changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE
+                       if getattr(args, k) != getattr(Args(), k)]
+            raise FloatingPointError(f"non-finite losses at step {global_step} (critic {metrics['critic_loss']}, "
+                                     f"actor {metrics['actor_loss']}); likely cause: "
+                                     f"{', '.join(changed) or 'none of the flags'}")
 
         sps = int((global_step - start_step) / (time.time() - start_time))
-        metrics.update(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
+        metrics |= dict(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
         if episodes:
             metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
         for k in ("critic_loss", "actor_loss", "q_mean"):
@@ -539,25 +626,29 @@ def train(args: Args) -> dict:
             writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
             line += f" | eval return {metrics['eval_return']:.1f}"
             if args.save_model:
-                path = f"runs/{run_name}/{args.exp_name}.pt"
-                buffer_state = {k: getattr(buffer, k) for k in ("frames", "frame_count", "episode_first", "ptr",
-                                                                "size")}
-                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
-                    args=asdict(args), iteration=iteration + 1, buffer={"data": buffer.data},
-                    buffer_state=buffer_state), path)
-                metrics["checkpoint"] = path
+                metrics["checkpoint"] = f"runs/{run_name}/{args.exp_name}.pt"
+                save_checkpoint(metrics["checkpoint"], args, state, buffer, iteration + 1, run_name)
         print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f}"
               f" | {sps} SPS, {metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+        if Stop.signal:  # this iteration's remaining updates are skipped; save the run as it stands
+            path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
+            save_checkpoint(path, args, state, buffer, iteration + 1, run_name)
+            print(f"stopped by {signal.Signals(Stop.signal).name} after iteration {iteration + 1}, saved; resume "
+                  f"with: {resume_command(args, path)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + Stop.signal)
 
     envs.close()
     writer.close()
-    print(f"done: eval return {metrics['eval_return']:.1f} at step {metrics.get('global_step', start_step)}, "
-          f"{(time.time() - start_time) / 60:.1f} min")
+    print(f"done: eval return {metrics.get('eval_return', float('nan')):.1f} at step {n_iterations * args.steps_per_iteration}, "
+          f"{(time.time() - start_time) / 60:.1f} min" if metrics else
+          f"nothing left to train: the checkpoint is at iteration {start} of {n_iterations}")
     return metrics | {"run_name": run_name}
 
 
 if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    Stop.catch_signals()
     try:
-        train(tyro.cli(Args))
+        train(cli_args)
     except UsageError as e:
         sys.exit(f"error: {e}")

@@ -207,10 +207,12 @@ def backup_values(q: torch.Tensor, kind: str, tau: float, scale: str) -> torch.T
     temp = s * tau
     # Divide by 1 where temp = 0, so that neither the value nor its gradient is NaN.
     safe_temp = torch.where(temp > 0, temp, torch.ones_like(temp))
-    mean = q.mean(-1, keepdim=True)
-    # log-sum-exp is shift-invariant: centring on the mean keeps exp() in range.
-    lse = safe_temp * (torch.logsumexp((q - mean) / safe_temp, -1) - math.log(q.shape[-1]))
-    return torch.where(temp > 0, mean.squeeze(-1) + lse, mean.squeeze(-1))
+    # temp * log mean exp(q / temp), written as top + temp * log1p(mean(expm1((q - top) / temp))) with
+    # top = max q: exp() cannot overflow, and at a high temperature (F near the mean) no precision is
+    # lost to log(k) - log(k), which in float32 is off by ~1e-7 * temp.
+    top = q.amax(-1, keepdim=True)
+    lse = top.squeeze(-1) + safe_temp * torch.log1p(torch.expm1((q - top) / safe_temp).mean(-1))
+    return torch.where(temp > 0, lse, q.mean(-1))
 
 
 def td_lambda_targets(

@@ -4,6 +4,7 @@ backups against their exact expectations, the wiring of the critic and actor
 updates (stub networks), a smoke run and its errors."""
 
 import math
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -193,13 +194,13 @@ class OneTransition:
                           mu=torch.tensor([[mu]]), next_mu=torch.tensor([[next_mu]]), reward=torch.tensor([[1.0]]),
                           terminated=torch.tensor([[False]]), last=torch.tensor([[True]]))
 
-    def sample(self, batch_size, n_steps):
-        assert (batch_size, n_steps) == (1, 1)
+    def sample(self, batch_size, horizon):
+        assert (batch_size, horizon) == (1, 1)
         return dict(self.batch)
 
 
 def test_critic_bootstraps_from_the_target_copied_every_k_steps_with_mu_at_the_next_state():
-    args = qa.Args(critic_steps=5, target_update_every=2, batch_size=1, n_steps=1, gamma=0.5)
+    args = qa.Args(critic_steps=5, target_update_every=2, batch_size=1, target_horizon=1, gamma=0.5)
     # Q(s, .) = (1, 2), Q(s', .) = (10, 20); the optimiser adds 1 to every entry after each step,
     # so at step i the online critic is the table + i. The target starts as nonsense (-100).
     critic, target = TableNet([[1.0, 2.0], [10.0, 20.0]]), TableNet([[-100.0, -100.0], [-100.0, -100.0]])
@@ -260,3 +261,45 @@ def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch):
 def test_wrong_env_is_a_usage_error(env_id, message):
     with pytest.raises(qa.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         qa.train(tiny(env_id=env_id))
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = qa.train(tiny(total_timesteps=100, eval_every=1, save_model=True))["checkpoint"]
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    cases = [("notes.pt", {}, "notes.pt is not a checkpoint (UnpicklingError"),
+             (good, dict(env_id="BreakoutNoFrameskip-v4"), "was trained on PongNoFrameskip-v4, not Breakout"),
+             (good, dict(torso="nature"), "its actor does not fit this run's"),
+             (good, dict(buffer_size=1000), "resume with the checkpoint's --buffer-size")]
+    for path, overrides, message in cases:
+        with pytest.raises(qa.UsageError, match=re.escape(message)) as error:
+            qa.train(tiny(checkpoint_path=str(path), **overrides))
+        assert "\n" not in str(error.value)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FloatingPointError, match=r"likely cause: --critic-lr 1e\+30"):
+        qa.train(tiny(total_timesteps=100, critic_steps=20, critic_lr=1e30, eval_episodes=0))
+
+
+@pytest.mark.parametrize("tau", [1e-6, 1e6])
+@pytest.mark.parametrize("scale", ["mad", "std", "none"])
+def test_extreme_backup_temperatures_stay_finite(tau, scale):
+    torch.manual_seed(0)
+    q = torch.randn(64, 3, 4) * 1e3
+    q[0] = 5.0  # a state whose sampled values are all equal
+    out = qa.backup_values(q, "lse", tau, scale)
+    assert torch.isfinite(out).all()
+    assert (out <= q.amax(-1) + 1e-3).all() and (out >= q.mean(-1) - 1e-3).all()
+
+
+@pytest.mark.parametrize("beta, max_weight", [(1e-3, 20.0), (1.0, 1e6), (1e-3, 1e6)])
+def test_extreme_actor_weights_keep_the_loss_and_its_gradient_finite(beta, max_weight):
+    torch.manual_seed(0)
+    logits = (torch.randn(32, 6) * 30).requires_grad_()
+    mu = torch.softmax(torch.randn(32, 6) * 5, -1)
+    mu[:, 0] = 0.0  # an action the sampling policy never takes
+    loss = qa.exact_actor_loss(logits, mu / mu.sum(-1, keepdim=True), torch.randn(32, 6) * 1e4, beta, max_weight)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

@@ -209,6 +209,11 @@ def test_extreme_settings_keep_every_loss_finite(flags):
     metrics = qwr.train_critic(args, buf, learner.critic, learner.target, learner.critic_opt, learner.obs_norm)
     metrics |= qwr.train_actor(args, buf, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm)
     assert all(np.isfinite(v) for v in metrics.values()), metrics
+    # The backup stays between the mean and the max of the sampled values, whatever the temperature.
+    q = torch.randn(64, 3, 4) * 1e3
+    q[0] = 5.0  # a state whose sampled values are all equal
+    out = qwr.backup_values(q, args.backup, args.tau, args.backup_scale)
+    assert (out <= q.amax(-1) + 1e-3).all() and (out >= q.mean(-1) - 1e-3).all()
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_flag(tmp_path, monkeypatch):

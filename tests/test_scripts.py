@@ -129,17 +129,23 @@ def test_bitflip_rejects_an_impossible_flag_in_one_line():
 
 # ------------------------------------------------ interrupted runs, bad checkpoints (issue: long runs survive)
 
-INTERRUPTIBLE = {"qwr": ["--total-timesteps", "400", "--steps-per-iteration", "100", "--critic-steps", "300",
-                         "--actor-steps", "300", "--eval-every", "4"]}
+# Tiny runs of 4 iterations of 100 steps, evaluated at the end, slow enough to be stopped in the second.
+INTERRUPTIBLE = {
+    "qwr_continuous.py": ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--steps-per-iteration", "100",
+                          "--critic-steps", "300", "--actor-steps", "300", "--batch-size", "32", "--buffer-size",
+                          "1000", "--eval-every", "4", "--eval-episodes", "1", "--no-cuda"],
+    "qwr_atari.py": ["--env-id", "PongNoFrameskip-v4", "--total-timesteps", "400", "--steps-per-iteration", "100",
+                     "--critic-steps", "40", "--actor-steps", "40", "--batch-size", "8", "--buffer-size", "500",
+                     "--eval-every", "4", "--eval-episodes", "1", "--eval-episode-steps", "50",
+                     "--train-episode-steps", "40", "--no-cuda"],
+}
 
 
 @pytest.mark.parametrize("script", INTERRUPTIBLE)
 def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_log(script, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    path = str(ROOT / f"{TINY[script].module.__name__}.py")
-    flags = ["--env-id", "Hopper-v4", "--batch-size", "32", "--buffer-size", "1000", "--eval-episodes", "1",
-             "--no-cuda", *INTERRUPTIBLE[script]]
+    path, flags = str(ROOT / script), INTERRUPTIBLE[script]
     proc = subprocess.Popen([sys.executable, path, *flags], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # stop it during its second iteration
