@@ -12,6 +12,8 @@ Algorithm 1 and Eq. 1) is QWR's baseline. Each iteration it
 Where awr.md lost its numbers (OCR) they come from the authors' released
 code (xbpeng/awr, awr_configs.py and learning/awr_agent.py): networks
 [128, 64], SGD with momentum 0.9, per-environment actor step sizes.
+Comments "Alg. 1 l.N" name the lines of Algorithm 1 as ../shared/papers/qwr.md
+prints it (awr.md lost the algorithm box).
 
     python awr_continuous.py --env-id Walker2d-v4
 """
@@ -30,20 +32,6 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
-# The authors' per-environment settings (awr_configs.py): actor step size and
-# action std; every other hyper-parameter is shared. Keys are gymnasium names
-# without the version, so Walker2d-v4 and Walker2d-v5 use the Walker2d-v2 row.
-AUTHORS_PER_ENV = {
-    "Ant": dict(actor_lr=5e-5, action_std=0.2),
-    "HalfCheetah": dict(actor_lr=5e-5, action_std=0.4),
-    "Hopper": dict(actor_lr=1e-4, action_std=0.4),
-    "Humanoid": dict(actor_lr=1e-5, action_std=0.4),
-    "Walker2d": dict(actor_lr=2.5e-5, action_std=0.4),
-}
-# The defaults of the authors' AWRAgent, used for any other environment.
-AUTHORS_DEFAULT = dict(actor_lr=5e-5, action_std=0.2)
-
 
 @dataclass
 class Args:
@@ -111,6 +99,20 @@ class Args:
     """only evaluate the policy of --checkpoint-path, then exit"""
 
 
+# The authors' per-environment settings (awr_configs.py): actor step size and
+# action std; every other hyper-parameter is shared. Keys are gymnasium names
+# without the version, so Walker2d-v4 and Walker2d-v5 use the Walker2d-v2 row.
+AUTHORS_PER_ENV = {
+    "Ant": dict(actor_lr=5e-5, action_std=0.2),
+    "HalfCheetah": dict(actor_lr=5e-5, action_std=0.4),
+    "Hopper": dict(actor_lr=1e-4, action_std=0.4),
+    "Humanoid": dict(actor_lr=1e-5, action_std=0.4),
+    "Walker2d": dict(actor_lr=2.5e-5, action_std=0.4),
+}
+# The defaults of the authors' AWRAgent, used for any other environment.
+AUTHORS_DEFAULT = dict(actor_lr=5e-5, action_std=0.2)
+
+
 class UsageError(ValueError):
     """A mistake in the command line, reported as one line before training."""
 
@@ -175,7 +177,7 @@ def action_bound_loss(mean: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# Environment, replay buffer, networks
+# Environment, replay buffer, observation normaliser, networks
 # ----------------------------------------------------------------------------
 
 
@@ -200,55 +202,6 @@ def make_vec_env(env_id: str, n: int, video_folder: Optional[str] = None) -> gym
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)  # info["episode"] at episode ends
-
-
-def authors_setting(env_id: str) -> dict:
-    """The authors' actor step size and action std for env_id (see AUTHORS_PER_ENV)."""
-    return AUTHORS_PER_ENV.get(env_id.split("/")[-1].split("-")[0], AUTHORS_DEFAULT)
-
-
-def check_args(args: Args) -> None:
-    """Raise UsageError for a bad command line, before anything is built."""
-    try:
-        env = gym.make(args.env_id)
-    except gym.error.Error as e:
-        raise UsageError(f"cannot make env {args.env_id!r}: {e}") from None
-    act, obs = env.action_space, env.observation_space
-    env.close()
-    if not isinstance(act, gym.spaces.Box):
-        raise UsageError(
-            f"awr_continuous.py needs a continuous (Box) action space, but {args.env_id} has {act}"
-        )
-    if not np.all(np.isfinite(act.low)) or not np.all(np.isfinite(act.high)):
-        raise UsageError(f"{args.env_id}'s action space has infinite bounds: {act}")
-    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
-        raise UsageError(f"awr_continuous.py needs flat vector observations, {args.env_id} has {obs}")
-    problems = [
-        (args.samples_per_iteration % args.num_envs != 0,
-         "--samples-per-iteration must be a multiple of --num-envs"),
-        (args.total_timesteps % args.num_envs != 0, "--total-timesteps must be a multiple of --num-envs"),
-        (args.buffer_size < args.samples_per_iteration,
-         "--buffer-size must hold at least one iteration of steps"),
-        (min(args.batch_size, args.num_envs, args.total_timesteps) < 1,
-         "--batch-size, --num-envs and --total-timesteps must be >= 1"),
-        (min(args.critic_steps, args.actor_steps, args.eval_episodes) < 0,
-         "step and episode counts cannot be negative"),
-        (not 0 <= args.td_lambda <= 1, "--td-lambda must be in [0, 1]"),
-        (not 0 < args.gamma < 1, "--gamma must be in (0, 1): values are learned in units of 1/(1-gamma)"),
-        (min(args.beta, args.max_weight, args.critic_lr) <= 0,
-         "--beta, --max-weight and --critic-lr must be > 0"),
-        ((args.actor_lr is not None and args.actor_lr <= 0)
-         or (args.action_std is not None and args.action_std <= 0),
-         "--actor-lr and --action-std must be > 0"),
-        (not 0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
-        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
-         f"checkpoint not found: {args.checkpoint_path}"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise UsageError(message)
 
 
 class ReplayBuffer:
@@ -355,14 +308,36 @@ class Critic(nn.Module):
         return self.net(obs).squeeze(-1) * self.out_scale
 
 
+@dataclass
+class Learner:
+    """What AWR learns (Alg. 1 l.1-2) with its optimisers, and the fixed std of its
+    Gaussian policy N(actor(s), action_std^2): built, saved and loaded as one."""
+
+    actor: Actor
+    critic: Critic
+    obs_norm: ObsNormalizer
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    action_std: float
+
+    SAVED = ("actor", "obs_norm", "critic", "actor_opt", "critic_opt")
+
+
+def make_learner(args: Args, obs_dim: int, act_dim: int, device, actor_lr: float, action_std: float) -> Learner:
+    actor, critic = Actor(obs_dim, act_dim).to(device), Critic(obs_dim, args.gamma).to(device)
+    return Learner(actor, critic, ObsNormalizer(obs_dim, args.obs_norm_sample_limit).to(device),
+                   torch.optim.SGD(actor.parameters(), lr=actor_lr, momentum=args.momentum),
+                   torch.optim.SGD(critic.parameters(), lr=args.critic_lr, momentum=args.momentum), action_std)
+
+
 # ----------------------------------------------------------------------------
-# Data collection, evaluation, training
+# Acting: collection and evaluation
 # ----------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def collect(envs, obs: np.ndarray, n_steps: int, actor, obs_norm, action_std: float, device):
-    """Run the Gaussian policy for n_steps vector steps (Algorithm 1, line 3).
+    """Run the Gaussian policy for n_steps vector steps (Alg. 1 l.5).
 
     Returns the rollout as tensors [n_steps, num_envs, ...], the observation to
     continue from, and the (return, length) of each episode that ended.
@@ -409,98 +384,200 @@ def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
     return returns
 
 
+# ----------------------------------------------------------------------------
+# The two regressions of an iteration (Alg. 1 l.6-9 and l.10-14)
+# ----------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def buffer_returns(buffer: ReplayBuffer, critic, obs_norm, gamma: float, lam: float):
-    """Every stored step's state, action, V(s) and TD(lambda) return R,
+def buffer_returns(args: Args, buffer: ReplayBuffer, learner: Learner):
+    """Every stored step's state, action, V(s) and TD(lambda) return R (Section 3.3),
     flattened over (time, env)."""
     d = buffer.chronological()
-    values, next_values = critic(obs_norm(d["obs"])), critic(obs_norm(d["next_obs"]))
-    returns = td_lambda_returns(d["reward"], next_values, d["terminated"], d["cut"], gamma, lam)
+    values, next_values = (learner.critic(learner.obs_norm(d[k])) for k in ("obs", "next_obs"))
+    returns = td_lambda_returns(d["reward"], next_values, d["terminated"], d["cut"], args.gamma, args.td_lambda)
     return tuple(x.flatten(0, 1) for x in (d["obs"], d["action"], values, returns))
 
 
-def train_critic(n_steps: int, batch_size: int, obs, returns, critic, critic_opt, obs_norm) -> dict:
-    """Algorithm 1, line 5: regress V(s) on the fixed TD(lambda) returns."""
-    sums = torch.zeros(1, device=obs.device)
+def train_critic(args: Args, learner: Learner, states: torch.Tensor, returns: torch.Tensor, n_steps: int) -> dict:
+    """Alg. 1 l.6-9: n_steps regressions of V(s) on the fixed TD(lambda) returns."""
+    sums = torch.zeros(1, device=states.device)
     for _ in range(n_steps):
-        i = torch.randint(0, len(obs), (batch_size,), device=obs.device)
-        v = critic(obs_norm(obs[i]))
-        # Regression in the network's own units, with the authors' factor 1/2.
-        loss = 0.5 * ((v - returns[i]) / critic.out_scale).pow(2).mean()
-        critic_opt.zero_grad(set_to_none=True)
+        i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.7: s ~ D
+        v = learner.critic(learner.obs_norm(states[i]))
+        # Alg. 1 l.8: a step on ||R - V(s)||^2, in the network's own units, with the authors' factor 1/2.
+        loss = 0.5 * ((v - returns[i]) / learner.critic.out_scale).pow(2).mean()
+        learner.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
-        critic_opt.step()
+        learner.critic_opt.step()
         sums += loss.detach()
     return {"critic_loss": (sums / max(1, n_steps)).item()}
 
 
-def train_actor(n_steps: int, batch_size: int, obs, actions_n, weights, actor, actor_opt, obs_norm,
-                action_std: float, bound_weight: float) -> dict:
-    """Algorithm 1, line 6 (Eq. 10): weighted maximum likelihood of the stored
-    actions (in normalised units), plus the authors' action-bound penalty."""
-    sums = torch.zeros(1, device=obs.device)
+def train_actor(args: Args, learner: Learner, states: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor,
+                n_steps: int) -> dict:
+    """Alg. 1 l.10-14 (Eq. 10): n_steps of weighted maximum likelihood of the stored
+    actions (in the policy's units) with the weights xi, plus the authors' action-bound penalty."""
+    sums = torch.zeros(1, device=states.device)
     for _ in range(n_steps):
-        i = torch.randint(0, len(obs), (batch_size,), device=obs.device)
-        mean = actor(obs_norm(obs[i]))
-        log_prob = torch.distributions.Normal(mean, action_std).log_prob(actions_n[i]).sum(-1)
-        loss = -(weights[i] * log_prob).mean() + bound_weight * action_bound_loss(mean)
-        actor_opt.zero_grad(set_to_none=True)
+        i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.11: (s, a) ~ D
+        mean = learner.actor(learner.obs_norm(states[i]))
+        log_prob = torch.distributions.Normal(mean, learner.action_std).log_prob(actions[i]).sum(-1)
+        # Alg. 1 l.13: ascend xi log pi(a|s).
+        loss = -(weights[i] * log_prob).mean() + args.action_bound_weight * action_bound_loss(mean)
+        learner.actor_opt.zero_grad(set_to_none=True)
         loss.backward()
-        actor_opt.step()
+        learner.actor_opt.step()
         sums += loss.detach()
     return {"actor_loss": (sums / max(1, n_steps)).item()}
 
 
-def train(args: Args) -> dict:
-    """Runs AWR and returns the final metrics (see the dict at the end)."""
-    check_args(args)
-    setting = authors_setting(args.env_id)
-    actor_lr = args.actor_lr if args.actor_lr is not None else setting["actor_lr"]
-    action_std = args.action_std if args.action_std is not None else setting["action_std"]
+# ----------------------------------------------------------------------------
+# Around the loop: the command line, seeds, logs, checkpoints, evaluation
+# ----------------------------------------------------------------------------
+
+
+def authors_setting(env_id: str) -> dict:
+    """The authors' actor step size and action std for env_id (see AUTHORS_PER_ENV)."""
+    return AUTHORS_PER_ENV.get(env_id.split("/")[-1].split("-")[0], AUTHORS_DEFAULT)
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError for a bad command line, before anything is built."""
+    try:
+        env = gym.make(args.env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"cannot make env {args.env_id!r}: {e}") from None
+    act, obs = env.action_space, env.observation_space
+    env.close()
+    if not isinstance(act, gym.spaces.Box):
+        raise UsageError(
+            f"awr_continuous.py needs a continuous (Box) action space, but {args.env_id} has {act}"
+        )
+    if not np.all(np.isfinite(act.low)) or not np.all(np.isfinite(act.high)):
+        raise UsageError(f"{args.env_id}'s action space has infinite bounds: {act}")
+    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+        raise UsageError(f"awr_continuous.py needs flat vector observations, {args.env_id} has {obs}")
+    problems = [
+        (args.samples_per_iteration % args.num_envs != 0,
+         "--samples-per-iteration must be a multiple of --num-envs"),
+        (args.total_timesteps % args.num_envs != 0, "--total-timesteps must be a multiple of --num-envs"),
+        (args.buffer_size < args.samples_per_iteration,
+         "--buffer-size must hold at least one iteration of steps"),
+        (min(args.batch_size, args.num_envs, args.total_timesteps) < 1,
+         "--batch-size, --num-envs and --total-timesteps must be >= 1"),
+        (min(args.critic_steps, args.actor_steps, args.eval_episodes) < 0,
+         "step and episode counts cannot be negative"),
+        (not 0 <= args.td_lambda <= 1, "--td-lambda must be in [0, 1]"),
+        (not 0 < args.gamma < 1, "--gamma must be in (0, 1): values are learned in units of 1/(1-gamma)"),
+        (min(args.beta, args.max_weight, args.critic_lr) <= 0,
+         "--beta, --max-weight and --critic-lr must be > 0"),
+        ((args.actor_lr is not None and args.actor_lr <= 0)
+         or (args.action_std is not None and args.action_std <= 0),
+         "--actor-lr and --action-std must be > 0"),
+        (not 0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (args.eval_every < 1, "--eval-every must be >= 1"),
+        (args.eval_only and not args.checkpoint_path, "--eval-only needs --checkpoint-path"),
+        (args.checkpoint_path and not os.path.isfile(args.checkpoint_path),
+         f"checkpoint not found: {args.checkpoint_path}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+
+
+def seed_and_device(args: Args) -> torch.device:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.capture_video and sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # render without a screen
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    envs = make_vec_env(args.env_id, args.num_envs)
-    obs_dim = envs.single_observation_space.shape[0]
-    act_dim = envs.single_action_space.shape[0]
-    low, high = (torch.as_tensor(b, dtype=torch.float32, device=device)
-                 for b in (envs.single_action_space.low, envs.single_action_space.high))
-    obs_norm = ObsNormalizer(obs_dim, args.obs_norm_sample_limit).to(device)
-    actor, critic = Actor(obs_dim, act_dim).to(device), Critic(obs_dim, args.gamma).to(device)
-    actor_opt = torch.optim.SGD(actor.parameters(), lr=actor_lr, momentum=args.momentum)
-    critic_opt = torch.optim.SGD(critic.parameters(), lr=args.critic_lr, momentum=args.momentum)
-    buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
-    state = dict(actor=actor, obs_norm=obs_norm, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
 
-    global_step = 0
-    if args.checkpoint_path:
-        ckpt = torch.load(args.checkpoint_path, map_location=device)
-        if ckpt["args"]["env_id"] != args.env_id:
-            raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
-        for k in ("actor", "obs_norm") if args.eval_only else state:
-            state[k].load_state_dict(ckpt[k])
-        if not args.eval_only:
-            if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
-                raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
-            buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
-            # The environments restart, so the stored episode in progress ends here.
-            buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
-            global_step = ckpt["global_step"]
-    if args.eval_only:
-        returns = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000,
-                           f"videos/{run_name}" if args.capture_video else None)
-        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
-        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
-
+def open_writer(args: Args, run_name: str) -> SummaryWriter:
     writer = SummaryWriter(f"runs/{run_name}")
     table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def load_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer) -> int:
+    """Load --checkpoint-path into learner (and, to resume, into buffer); return its global step."""
+    ckpt = torch.load(args.checkpoint_path, map_location=buffer.device)
+    if ckpt["args"]["env_id"] != args.env_id:
+        raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+    for k in ("actor", "obs_norm") if args.eval_only else Learner.SAVED:
+        getattr(learner, k).load_state_dict(ckpt[k])
+    if args.eval_only:
+        return 0
+    if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
+        raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
+    buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
+    # The environments restart, so the stored episode in progress ends here.
+    buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
+    return ckpt["global_step"]
+
+
+def save_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer, run_name: str, global_step: int) -> str:
+    path = f"runs/{run_name}/{args.exp_name}.pt"
+    torch.save({k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
+        args=asdict(args), global_step=global_step, buffer=buffer.data,
+        buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
+    return path
+
+
+def end_of_iteration(args: Args, writer, learner: Learner, buffer: ReplayBuffer, metrics: dict,
+                     evaluate_now: bool, run_name: str) -> str:
+    """Log an iteration's metrics; when evaluate_now, evaluate the deterministic policy and
+    write a checkpoint if asked. Returns the status line's evaluation part."""
+    step = metrics["global_step"]
+    if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "value_mean")):
+        raise FloatingPointError(f"non-finite losses at step {step}: {metrics}")
+    for k in ("critic_loss", "actor_loss", "value_mean", "return_mean", "clipped_weight_fraction"):
+        writer.add_scalar(f"losses/{k}", metrics[k], step)
+    writer.add_scalar("charts/SPS", metrics["sps"], step)
+    writer.add_scalar("charts/seconds_per_iteration", metrics["seconds_per_iteration"], step)
+    if not evaluate_now or args.eval_episodes == 0:
+        return ""
+    video = f"videos/{run_name}/step{step}" if args.capture_video else None
+    returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, buffer.device,
+                       args.seed + 10_000, video)
+    metrics["eval_return"] = float(returns.mean())
+    writer.add_scalar("charts/eval_return", metrics["eval_return"], step)
+    if args.save_model:
+        metrics["checkpoint"] = save_checkpoint(args, learner, buffer, run_name, step)
+    return f" | eval return {metrics['eval_return']:.1f}"
+
+
+# ----------------------------------------------------------------------------
+# Training (Algorithm 1)
+# ----------------------------------------------------------------------------
+
+
+def train(args: Args) -> dict:
+    """AWR (Algorithm 1); returns the final metrics."""
+    check_args(args)
+    setting = authors_setting(args.env_id)
+    actor_lr = args.actor_lr if args.actor_lr is not None else setting["actor_lr"]
+    action_std = args.action_std if args.action_std is not None else setting["action_std"]
+    device = seed_and_device(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    envs = make_vec_env(args.env_id, args.num_envs)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    low, high = (torch.as_tensor(b, dtype=torch.float32, device=device)
+                 for b in (envs.single_action_space.low, envs.single_action_space.high))
+    # Alg. 1 l.1-3: random actor and critic parameters, an empty replay buffer D.
+    learner = make_learner(args, obs_dim, act_dim, device, actor_lr, action_std)
+    buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
+    global_step = load_checkpoint(args, learner, buffer) if args.checkpoint_path else 0
+    if args.eval_only:  # evaluate the checkpoint's policy, nothing else
+        eval_returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device,
+                                args.seed + 10_000, f"videos/{run_name}" if args.capture_video else None)
+        print(f"eval return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over {len(eval_returns)} episodes")
+        return {"eval_return": float(eval_returns.mean()), "eval_returns": eval_returns.tolist()}
+    writer = open_writer(args, run_name)
     n_iterations = math.ceil(args.total_timesteps / args.samples_per_iteration)
     print(f"AWR on {args.env_id} ({device}), {n_iterations} iterations, actor lr {actor_lr}, "
           f"action std {action_std}, logs in runs/{run_name}")
@@ -509,11 +586,13 @@ def train(args: Args) -> dict:
     start_time, start_step = time.time(), global_step
     metrics: dict = {"eval_return": float("nan")}
     iteration = global_step // args.samples_per_iteration
-    while global_step < args.total_timesteps:
+    while global_step < args.total_timesteps:  # Alg. 1 l.4
         iteration_start = time.time()
+        # Alg. 1 l.5: add trajectories sampled by pi_theta to D.
         n_new = min(args.samples_per_iteration, args.total_timesteps - global_step)
-        rollout, obs, episodes = collect(envs, obs, n_new // args.num_envs, actor, obs_norm, action_std, device)
-        obs_norm.update(rollout["obs"])
+        rollout, obs, episodes = collect(envs, obs, n_new // args.num_envs, learner.actor, learner.obs_norm,
+                                         action_std, device)
+        learner.obs_norm.update(rollout["obs"])
         buffer.add(rollout)
         global_step += n_new
         iteration += 1
@@ -523,49 +602,29 @@ def train(args: Args) -> dict:
 
         # A short last iteration takes proportionally fewer steps (authors' code).
         fraction = n_new / args.samples_per_iteration
-        critic_steps, actor_steps = (math.ceil(n * fraction) for n in (args.critic_steps, args.actor_steps))
-        # Value targets from the previous iteration's V, fixed during the critic's steps ...
-        s, a, _, returns = buffer_returns(buffer, critic, obs_norm, args.gamma, args.td_lambda)
-        metrics.update(train_critic(critic_steps, args.batch_size, s, returns, critic, critic_opt, obs_norm))
-        # ... then advantages from the new V, as the authors' code recomputes them.
-        s, a, values, returns = buffer_returns(buffer, critic, obs_norm, args.gamma, args.td_lambda)
+        critic_steps, actor_steps = (math.ceil(steps * fraction) for steps in (args.critic_steps, args.actor_steps))
+        # Alg. 1 l.6-9: V regresses on returns R computed with the previous iteration's V, fixed meanwhile ...
+        states, _, _, returns = buffer_returns(args, buffer, learner)
+        metrics |= train_critic(args, learner, states, returns, critic_steps)
+        # ... then the advantages use the new V, as the authors' code recomputes them.
+        states, actions, values, returns = buffer_returns(args, buffer, learner)
+        # Alg. 1 l.12: xi = exp(A / beta) with A = R - V(s), for all of D at once (normalised over it).
         weights = advantage_weights(returns - values, args.beta, args.max_weight)
-        actions_n = (a - (high + low) / 2) / ((high - low) / 2)
-        metrics.update(train_actor(actor_steps, args.batch_size, s, actions_n, weights, actor, actor_opt,
-                                   obs_norm, action_std, args.action_bound_weight))
-        metrics.update(value_mean=values.mean().item(), return_mean=returns.mean().item(),
-                       clipped_weight_fraction=(weights >= args.max_weight).float().mean().item())
-        if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "value_mean")):
-            raise FloatingPointError(f"non-finite losses at step {global_step}: {metrics}")
+        unit_actions = (actions - (high + low) / 2) / ((high - low) / 2)  # the policy's units: bounds at -1 and 1
+        metrics |= train_actor(args, learner, states, unit_actions, weights, actor_steps)  # Alg. 1 l.10-14
 
         sps = int((global_step - start_step) / (time.time() - start_time))
-        metrics.update(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
-        if episodes:
-            metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
-        for k in ("critic_loss", "actor_loss", "value_mean", "return_mean", "clipped_weight_fraction"):
-            writer.add_scalar(f"losses/{k}", metrics[k], global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/seconds_per_iteration", metrics["seconds_per_iteration"], global_step)
-
+        metrics.update(value_mean=values.mean().item(), return_mean=returns.mean().item(),
+                       clipped_weight_fraction=(weights >= args.max_weight).float().mean().item(),
+                       global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
         line = f"iter {iteration}/{n_iterations} step {global_step}"
         if episodes:
+            metrics["episodic_return"] = float(np.mean([r for r, _ in episodes]))
             line += f" | train return {metrics['episodic_return']:.1f}"
-        last = global_step >= args.total_timesteps
-        if (iteration % args.eval_every == 0 or last) and args.eval_episodes > 0:
-            video = f"videos/{run_name}/step{global_step}" if args.capture_video else None
-            returns = evaluate(args.env_id, args.eval_episodes, actor, obs_norm, device, args.seed + 10_000, video)
-            metrics["eval_return"] = float(returns.mean())
-            writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
-            line += f" | eval return {metrics['eval_return']:.1f}"
-            if args.save_model:
-                path = f"runs/{run_name}/{args.exp_name}.pt"
-                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
-                    args=asdict(args), global_step=global_step, buffer=buffer.data,
-                    buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
-                metrics["checkpoint"] = path
-        print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f}"
-              f" | {sps} SPS, {metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
-
+        evaluate_now = iteration % args.eval_every == 0 or global_step >= args.total_timesteps
+        line += end_of_iteration(args, writer, learner, buffer, metrics, evaluate_now, run_name)
+        print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {sps} SPS, "
+              f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
     envs.close()
     writer.close()
     print(f"done: eval return {metrics['eval_return']:.1f} at step {global_step}, "

@@ -94,6 +94,85 @@ class UsageError(ValueError):
     """A mistake in the command line, reported as one line before training."""
 
 
+
+# ----------------------------------------------------------------------------
+# The math of EMaQ: the target (Eq. 11) and the policy (Algorithm 1)
+# ----------------------------------------------------------------------------
+
+
+def combine(q: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ensemble(values) of Algorithm 1: lambda * min + (1 - lambda) * max over dim 0."""
+    return lam * q.min(0).values + (1 - lam) * q.max(0).values
+
+
+@torch.no_grad()
+def emaq_target(batch: dict, behavior, target_q, n_samples: int, lam: float, gamma: float) -> torch.Tensor:
+    """y = r + gamma (1 - terminated) max_{i <= N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')
+    (Eq. 11; y_target of Algorithm 1), with N = n_samples."""
+    next_actions = behavior.sample(batch["next_obs"], n_samples)  # [B, N, d]
+    B = len(next_actions)
+    next_obs = batch["next_obs"].repeat_interleave(n_samples, 0)
+    q = combine(target_q(next_obs, next_actions.reshape(B * n_samples, -1)), lam).view(B, n_samples)
+    return batch["reward"] + gamma * (~batch["terminated"]) * q.max(-1).values
+
+
+@torch.no_grad()
+def act(obs: torch.Tensor, behavior, q_ensemble, n_samples: int, lam: float) -> torch.Tensor:
+    """The EMaQ policy pi^N_mu (pi_test of Algorithm 1): the best of N = n_samples actions
+    from mu under the ensemble."""
+    actions = behavior.sample(obs, n_samples)  # [B, N, d]
+    B = len(actions)
+    q = combine(q_ensemble(obs.repeat_interleave(n_samples, 0), actions.reshape(B * n_samples, -1)), lam)
+    return actions[torch.arange(B), q.view(B, n_samples).argmax(-1)]
+
+
+# ----------------------------------------------------------------------------
+# Data: a Minari dataset as flat transitions
+# ----------------------------------------------------------------------------
+
+
+def load_transitions(dataset_id: str, device) -> tuple:
+    """A Minari dataset as flat transitions (s, a, r, s', terminated) on the device,
+    its env id, its reference (random, expert) returns or None, and its mean
+    episode return; or a clear error."""
+    try:
+        import minari
+    except ImportError:
+        raise UsageError("emaq_offline.py reads Minari datasets: pip install 'minari[hdf5]'") from None
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError):
+        found = ", ".join(sorted(minari.list_local_datasets())) or "none"
+        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (found: {found}); make one with "
+                         f"python qwr_continuous.py --env-id Walker2d-v4 --save-dataset {dataset_id}") from None
+    parts = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminated")}
+    episode_returns = []
+    for ep in dataset.iterate_episodes():
+        parts["obs"].append(ep.observations[:-1])
+        parts["next_obs"].append(ep.observations[1:])  # the true final observation ends each episode
+        parts["action"].append(ep.actions)
+        parts["reward"].append(ep.rewards)
+        parts["terminated"].append(ep.terminations)  # a truncation is not terminal: it bootstraps
+        episode_returns.append(float(ep.rewards.sum()))
+    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
+    for k in ("obs", "action", "reward", "next_obs"):
+        data[k] = data[k].float()
+    meta = dataset.storage.metadata
+    refs = (meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None else None
+    return data, dataset.env_spec.id, refs, float(np.mean(episode_returns))
+
+
+def normalized_score(ret: float, refs: tuple) -> float:
+    """D4RL's normalised score of a return: 0 is the random policy's, 100 the expert's."""
+    return 100 * (ret - refs[0]) / (refs[1] - refs[0])
+
+
+def with_score(ret: float, refs: Optional[tuple]) -> str:
+    """A return for the status line, with its normalised score when the dataset has reference returns."""
+    return f"{ret:.1f}" + (f" (score {normalized_score(ret, refs):.1f})" if refs else "")
+
+
 # ----------------------------------------------------------------------------
 # Networks: the autoregressive behaviour model and the Q-ensemble
 # ----------------------------------------------------------------------------
@@ -131,11 +210,6 @@ class QEnsemble(nn.Module):
         """obs [B, obs_dim], action [B, act_dim] -> Q [K, B]."""
         x = torch.cat([obs, action], -1).expand(self.k, -1, -1)
         return self.net(x).squeeze(-1)
-
-
-def combine(q: torch.Tensor, lam: float) -> torch.Tensor:
-    """Ensemble(values) of Algorithm 1: lambda * min + (1 - lambda) * max over dim 0."""
-    return lam * q.min(0).values + (1 - lam) * q.max(0).values
 
 
 class AutoregressiveBehavior(nn.Module):
@@ -177,9 +251,9 @@ class AutoregressiveBehavior(nn.Module):
         return logp.gather(-1, self.bins(action).unsqueeze(-1)).squeeze(-1).sum(-1)
 
     @torch.no_grad()
-    def sample(self, obs: torch.Tensor, n: int) -> torch.Tensor:
-        """n actions per state, [B, n, d], one dimension after the other (Eqs. 63-66)."""
-        h = self.embed(obs).repeat_interleave(n, 0)  # [B * n, embed]
+    def sample(self, obs: torch.Tensor, n_samples: int) -> torch.Tensor:
+        """n_samples actions per state, [B, n_samples, d], one dimension after the other (Eqs. 63-66)."""
+        h = self.embed(obs).repeat_interleave(n_samples, 0)  # [B * n_samples, embed]
         action = torch.zeros(len(h), self.act_dim, device=h.device)
         width = (self.high - self.low) / self.n_bins
         for i in range(self.act_dim):
@@ -188,69 +262,107 @@ class AutoregressiveBehavior(nn.Module):
                 x = torch.addmm(layer.bias[i], x, layer.weight[i]) if isinstance(layer, EnsembleLinear) else layer(x)
             label = torch.distributions.Categorical(logits=x).sample()
             action[:, i] = self.low[i] + (label + torch.rand_like(label, dtype=torch.float32)) * width[i]
-        return action.view(-1, n, self.act_dim)
+        return action.view(-1, n_samples, self.act_dim)
+
+
+@dataclass
+class Learner:
+    """What EMaQ learns, with its optimisers: built, saved and loaded as one."""
+
+    behavior: AutoregressiveBehavior
+    q_ensemble: QEnsemble
+    target_q: QEnsemble
+    mu_opt: torch.optim.Optimizer
+    q_opt: torch.optim.Optimizer
+
+    SAVED = ("behavior", "q_ensemble", "target_q", "mu_opt", "q_opt")
+
+
+def make_learner(args: Args, env_id: str, obs_dim: int, act_dim: int, device) -> Learner:
+    env = gym.make(env_id)  # mu's bins span the env's action bounds
+    low, high = env.action_space.low, env.action_space.high
+    env.close()
+    behavior = AutoregressiveBehavior(obs_dim, low, high, args.n_bins, embed=args.mu_embed).to(device)
+    # Alg. 1: K Q-functions, and K targets with the same parameters.
+    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_q, hidden=args.q_hidden).to(device)
+    return Learner(behavior, q_ensemble, copy.deepcopy(q_ensemble).requires_grad_(False),
+                   torch.optim.Adam(behavior.parameters(), lr=args.mu_lr),
+                   torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr))
 
 
 # ----------------------------------------------------------------------------
-# EMaQ's target and its policy
+# Evaluation, and the two phases of Algorithm 1: pretrain mu, then the Q-ensemble
 # ----------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def emaq_target(batch: dict, behavior, target_q, n: int, lam: float, gamma: float) -> torch.Tensor:
-    """y = r + gamma (1 - terminated) max_{i <= N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')."""
-    next_actions = behavior.sample(batch["next_obs"], n)  # [B, N, d]
-    B = len(next_actions)
-    next_obs = batch["next_obs"].repeat_interleave(n, 0)
-    q = combine(target_q(next_obs, next_actions.reshape(B * n, -1)), lam).view(B, n)
-    return batch["reward"] + gamma * (~batch["terminated"]) * q.max(-1).values
+def evaluate(args: Args, env_id: str, learner: Learner, obs_mean, obs_std, device) -> np.ndarray:
+    """Returns of --eval-episodes episodes of the EMaQ policy, run side by side; the
+    networks see observations standardised as the dataset's were."""
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
+        [lambda: gym.make(env_id)] * args.eval_episodes, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
+    obs, _ = envs.reset(seed=args.seed + 10_000)
+    returns = np.full(args.eval_episodes, np.nan)
+    while np.isnan(returns).any():
+        o = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+        action = act(o, learner.behavior, learner.q_ensemble, args.n_samples, args.ensemble_lambda)
+        obs, _, _, _, info = envs.step(action.cpu().numpy())
+        if "episode" in info:
+            first = info["_episode"] & np.isnan(returns)  # keep each env's first episode
+            returns[first] = info["episode"]["r"][first]
+    envs.close()
+    return returns
 
 
-@torch.no_grad()
-def act(obs: torch.Tensor, behavior, q_ensemble, n: int, lam: float) -> torch.Tensor:
-    """The EMaQ policy pi^N_mu: the best of n actions from mu under the ensemble."""
-    actions = behavior.sample(obs, n)  # [B, n, d]
-    B = len(actions)
-    q = combine(q_ensemble(obs.repeat_interleave(n, 0), actions.reshape(B * n, -1)), lam).view(B, n)
-    return actions[torch.arange(B), q.argmax(-1)]
+def fit_behavior(args: Args, data: dict, learner: Learner, first_step: int, writer) -> dict:
+    """Alg. 1's "pretrain mu(a|s) on D": maximum likelihood of the dataset's actions
+    (Appendix B), from first_step to --mu-steps. Returns the last logged NLL."""
+    num_transitions, device = len(data["reward"]), data["reward"].device
+    metrics, start = {}, time.time()
+    for step in range(first_step, args.mu_steps):
+        i = torch.randint(0, num_transitions, (args.batch_size,), device=device)
+        loss = -learner.behavior.log_prob_bins(data["obs"][i], data["action"][i]).mean()
+        learner.mu_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        learner.mu_opt.step()
+        if (step + 1) % 1000 == 0 or step + 1 == args.mu_steps:
+            metrics["mu_nll"] = loss.item()
+            writer.add_scalar("losses/mu_nll", metrics["mu_nll"], step + 1)
+            if (step + 1) % 10_000 == 0 or step + 1 == args.mu_steps:
+                print(f"mu step {step + 1}/{args.mu_steps} | nll {metrics['mu_nll']:.3f} | "
+                      f"{(step + 1 - first_step) / (time.time() - start):.0f} steps/s", flush=True)
+    return metrics
+
+
+def train_q(args: Args, data: dict, learner: Learner, n_updates: int) -> dict:
+    """n_updates passes of Alg. 1's "while not converged" loop; returns the mean loss and Q."""
+    num_transitions, device = len(data["reward"]), data["reward"].device
+    sums = torch.zeros(2, device=device)
+    for _ in range(n_updates):
+        i = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # Alg. 1: a batch from D
+        batch = {k: v[i] for k, v in data.items()}
+        # Eq. 11: y = r + gamma (1 - t) max_i Ensemble(Q_target(s', a'_i)), N actions a'_i ~ mu(.|s').
+        y = emaq_target(batch, learner.behavior, learner.target_q, args.n_samples, args.ensemble_lambda, args.gamma)
+        q = learner.q_ensemble(batch["obs"], batch["action"])  # [K, B]
+        loss = (q - y).pow(2).mean(1).sum()  # Eq. 10: each member regresses on the shared target
+        learner.q_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        learner.q_opt.step()
+        with torch.no_grad():  # Alg. 1: theta_target <- ema * theta_target + (1 - ema) * theta
+            for p, tp in zip(learner.q_ensemble.parameters(), learner.target_q.parameters()):
+                tp.lerp_(p, 1 - args.ema)
+        sums += torch.stack([loss.detach(), q.detach().mean()])
+    q_loss, q_mean = (sums / n_updates).tolist()
+    return {"q_loss": q_loss, "q_mean": q_mean}
 
 
 # ----------------------------------------------------------------------------
-# Data, evaluation, training
+# Around the loop: the command line, seeds, logs, checkpoints
 # ----------------------------------------------------------------------------
-
-
-def load_transitions(dataset_id: str, device) -> tuple:
-    """A Minari dataset as flat transitions (s, a, r, s', terminated) on the device,
-    its env id and its reference (random, expert) returns, or a clear error."""
-    try:
-        import minari
-    except ImportError:
-        raise UsageError("emaq_offline.py reads Minari datasets: pip install 'minari[hdf5]'") from None
-    try:
-        dataset = minari.load_dataset(dataset_id)
-    except (FileNotFoundError, ValueError):
-        found = ", ".join(sorted(minari.list_local_datasets())) or "none"
-        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (found: {found}); make one with "
-                         f"python qwr_continuous.py --env-id Walker2d-v4 --save-dataset {dataset_id}") from None
-    parts = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminated")}
-    for ep in dataset.iterate_episodes():
-        parts["obs"].append(ep.observations[:-1])
-        parts["next_obs"].append(ep.observations[1:])  # the true final observation ends each episode
-        parts["action"].append(ep.actions)
-        parts["reward"].append(ep.rewards)
-        parts["terminated"].append(ep.terminations)  # a truncation is not terminal: it bootstraps
-    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
-    for k in ("obs", "action", "reward", "next_obs"):
-        data[k] = data[k].float()
-    meta = dataset.storage.metadata
-    refs = (meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None else None
-    returns = [float(ep.rewards.sum()) for ep in dataset.iterate_episodes()]
-    return data, dataset.env_spec.id, refs, float(np.mean(returns))
 
 
 def check_args(args: Args) -> None:
+    """Raise UsageError for a bad command line, before anything is built."""
     problems = [
         (min(args.n_samples, args.num_q, args.batch_size, args.eval_every, args.q_hidden, args.mu_embed) < 1,
          "--n-samples, --num-q, --batch-size, --eval-every, --q-hidden and --mu-embed must be >= 1"),
@@ -269,140 +381,110 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-@torch.no_grad()
-def evaluate(env_id: str, args: Args, behavior, q_ensemble, obs_mean, obs_std, device, seed: int) -> np.ndarray:
-    """Returns of eval_episodes episodes of the EMaQ policy, run side by side."""
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
-        [lambda: gym.make(env_id)] * args.eval_episodes, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
-    obs, _ = envs.reset(seed=seed)
-    returns = np.full(args.eval_episodes, np.nan)
-    while np.isnan(returns).any():
-        o = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
-        action = act(o, behavior, q_ensemble, args.n_samples, args.ensemble_lambda)
-        obs, _, _, _, info = envs.step(action.cpu().numpy())
-        if "episode" in info:
-            first = info["_episode"] & np.isnan(returns)
-            returns[first] = info["episode"]["r"][first]
-    envs.close()
-    return returns
-
-
-def train(args: Args) -> dict:
-    """Fits mu, then the Q-ensemble; returns the final metrics."""
-    check_args(args)
+def seed_and_device(args: Args) -> torch.device:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def open_writer(args: Args, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def load_checkpoint(args: Args, learner: Learner) -> tuple[int, int]:
+    """Load --checkpoint-path into learner; return the mu steps and Q updates it had done."""
+    ckpt = torch.load(args.checkpoint_path, map_location=learner.behavior.low.device)
+    if ckpt["args"]["dataset_id"] != args.dataset_id:
+        raise UsageError(f"the checkpoint was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
+    for flag in ("n_bins", "num_q", "q_hidden", "mu_embed"):  # the networks' shapes
+        if ckpt["args"].get(flag, getattr(Args, flag)) != getattr(args, flag):
+            raise UsageError(f"the checkpoint has --{flag.replace('_', '-')} {ckpt['args'].get(flag)}; pass the same")
+    for k in Learner.SAVED:
+        getattr(learner, k).load_state_dict(ckpt[k])
+    return ckpt["mu_done"], ckpt["q_done"]
+
+
+def save_checkpoint(args: Args, learner: Learner, run_name: str, mu_done: int, q_done: int) -> str:
+    path = f"runs/{run_name}/{args.exp_name}.pt"
+    torch.save({k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
+        args=asdict(args), mu_done=mu_done, q_done=q_done), path)
+    return path
+
+
+def log_evaluation(writer, metrics: dict, returns: np.ndarray, refs: Optional[tuple]) -> str:
+    """Log an evaluation's mean return (and normalised score); returns the status line's part."""
+    metrics["eval_return"] = float(returns.mean())
+    writer.add_scalar("charts/eval_return", metrics["eval_return"], metrics["updates"])
+    if refs:
+        metrics["normalized_score"] = normalized_score(metrics["eval_return"], refs)
+        writer.add_scalar("charts/normalized_score", metrics["normalized_score"], metrics["updates"])
+    return f" | eval return {with_score(metrics['eval_return'], refs)}"
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+def train(args: Args) -> dict:
+    """EMaQ (Algorithm 1): fit mu to the dataset, then the Q-ensemble on Expected-Max
+    targets, evaluating every --eval-every updates; returns the final metrics."""
+    check_args(args)
+    device = seed_and_device(args)
     data, env_id, refs, dataset_return = load_transitions(args.dataset_id, device)
-    env = gym.make(env_id)
-    low, high = env.action_space.low, env.action_space.high
-    env.close()
     run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    n, obs_dim, act_dim = len(data["reward"]), data["obs"].shape[1], data["action"].shape[1]
+    num_transitions, obs_dim, act_dim = len(data["reward"]), data["obs"].shape[1], data["action"].shape[1]
     # Observations are standardised with the dataset's statistics (fixed: the data is).
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0).clamp(min=1e-3)
     for k in ("obs", "next_obs"):
         data[k] = (data[k] - obs_mean) / obs_std
-
-    behavior = AutoregressiveBehavior(obs_dim, low, high, args.n_bins, embed=args.mu_embed).to(device)
-    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_q, hidden=args.q_hidden).to(device)
-    target_q = copy.deepcopy(q_ensemble).requires_grad_(False)
-    mu_opt = torch.optim.Adam(behavior.parameters(), lr=args.mu_lr)
-    q_opt = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
-    state = dict(behavior=behavior, q_ensemble=q_ensemble, target_q=target_q, mu_opt=mu_opt, q_opt=q_opt)
-    mu_done, q_done = 0, 0
-    if args.checkpoint_path:
-        ckpt = torch.load(args.checkpoint_path, map_location=device)
-        if ckpt["args"]["dataset_id"] != args.dataset_id:
-            raise UsageError(f"the checkpoint was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
-        for flag in ("n_bins", "num_q", "q_hidden", "mu_embed"):
-            if ckpt["args"].get(flag, getattr(Args, flag)) != getattr(args, flag):
-                name = flag.replace("_", "-")
-                raise UsageError(f"the checkpoint has --{name} {ckpt['args'].get(flag)}; pass the same")
-        for k, v in state.items():
-            v.load_state_dict(ckpt[k])
-        mu_done, q_done = ckpt["mu_done"], ckpt["q_done"]
-
-    def score(ret: float) -> str:
-        return f" (score {100 * (ret - refs[0]) / (refs[1] - refs[0]):.1f})" if refs else ""
-
+    learner = make_learner(args, env_id, obs_dim, act_dim, device)
+    mu_done, q_done = load_checkpoint(args, learner) if args.checkpoint_path else (0, 0)
     if args.eval_only:
-        returns = evaluate(env_id, args, behavior, q_ensemble, obs_mean, obs_std, device, args.seed + 10_000)
-        print(f"eval return {returns.mean():.1f}{score(returns.mean())} +- {returns.std():.1f}")
+        returns = evaluate(args, env_id, learner, obs_mean, obs_std, device)
+        print(f"eval return {with_score(returns.mean(), refs)} +- {returns.std():.1f}")
         return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {n} transitions of {env_id}, dataset return "
-          f"{dataset_return:.1f}{score(dataset_return)}; logs in runs/{run_name} ({device})")
+    writer = open_writer(args, run_name)
+    print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {num_transitions} transitions of {env_id}, dataset "
+          f"return {with_score(dataset_return, refs)}; logs in runs/{run_name} ({device})")
     metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
     writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
 
-    start = time.time()
-    for step in range(mu_done, args.mu_steps):  # 1. maximum likelihood of mu (Appendix B)
-        i = torch.randint(0, n, (args.batch_size,), device=device)
-        loss = -behavior.log_prob_bins(data["obs"][i], data["action"][i]).mean()
-        mu_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        mu_opt.step()
-        if (step + 1) % 1000 == 0 or step + 1 == args.mu_steps:
-            metrics["mu_nll"] = loss.item()
-            writer.add_scalar("losses/mu_nll", metrics["mu_nll"], step + 1)
-            if (step + 1) % 10_000 == 0 or step + 1 == args.mu_steps:
-                print(f"mu step {step + 1}/{args.mu_steps} | nll {metrics['mu_nll']:.3f} | "
-                      f"{(step + 1 - mu_done) / (time.time() - start):.0f} steps/s", flush=True)
+    # 1. Alg. 1: pretrain mu on D.
+    metrics |= fit_behavior(args, data, learner, mu_done, writer)
     mu_done = max(mu_done, args.mu_steps)
 
-    start, eval_seconds, sums = time.time(), 0.0, torch.zeros(2, device=device)
-    for step in range(q_done, args.num_updates):  # 2. the Q-ensemble with EMaQ targets (Algorithm 1)
-        i = torch.randint(0, n, (args.batch_size,), device=device)
-        batch = {k: v[i] for k, v in data.items()}
-        y = emaq_target(batch, behavior, target_q, args.n_samples, args.ensemble_lambda, args.gamma)
-        q = q_ensemble(batch["obs"], batch["action"])  # [K, B]
-        loss = (q - y).pow(2).mean(1).sum()  # each member regresses on the shared target
-        q_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        q_opt.step()
-        with torch.no_grad():
-            for p, tp in zip(q_ensemble.parameters(), target_q.parameters()):
-                tp.lerp_(p, 1 - args.ema)
-        sums += torch.stack([loss.detach(), q.detach().mean()])
-
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.num_updates:
-            count = (step + 1 - q_done) % args.eval_every or args.eval_every
-            loss_mean, q_mean = (sums / count).tolist()
-            if not math.isfinite(loss_mean):
-                raise FloatingPointError(f"non-finite Q loss at update {step + 1}")
-            sums.zero_()
-            ups = (step + 1 - q_done) / (time.time() - start - eval_seconds)  # training only
-            metrics.update(q_loss=loss_mean, q_mean=q_mean, updates_per_second=ups, updates=step + 1)
-            writer.add_scalar("losses/q_loss", loss_mean, step + 1)
-            writer.add_scalar("losses/q_mean", q_mean, step + 1)
-            writer.add_scalar("charts/updates_per_second", ups, step + 1)
-            line = f"update {step + 1}/{args.num_updates} | q loss {loss_mean:.4f} q {q_mean:.2f}"
-            if args.eval_episodes > 0:
-                eval_start = time.time()
-                returns = evaluate(env_id, args, behavior, q_ensemble, obs_mean, obs_std, device, args.seed + 10_000)
-                eval_seconds += time.time() - eval_start
-                metrics["eval_return"] = float(returns.mean())
-                writer.add_scalar("charts/eval_return", metrics["eval_return"], step + 1)
-                if refs:
-                    metrics["normalized_score"] = 100 * (metrics["eval_return"] - refs[0]) / (refs[1] - refs[0])
-                    writer.add_scalar("charts/normalized_score", metrics["normalized_score"], step + 1)
-                line += f" | eval return {metrics['eval_return']:.1f}{score(metrics['eval_return'])}"
-            if args.save_model:
-                path = f"runs/{run_name}/{args.exp_name}.pt"
-                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
-                    args=asdict(args), mu_done=mu_done, q_done=step + 1), path)
-                metrics["checkpoint"] = path
-            print(f"{line} | {ups:.1f} updates/s", flush=True)
+    # 2. Alg. 1's loop, in stretches that end at a multiple of --eval-every (or the last update).
+    updates, start, eval_seconds = q_done, time.time(), 0.0
+    while updates < args.num_updates:
+        n_updates = min(args.eval_every - updates % args.eval_every, args.num_updates - updates)
+        metrics |= train_q(args, data, learner, n_updates)
+        updates += n_updates
+        if not math.isfinite(metrics["q_loss"]):
+            raise FloatingPointError(f"non-finite Q loss at update {updates}")
+        ups = (updates - q_done) / (time.time() - start - eval_seconds)  # training only
+        metrics.update(updates_per_second=ups, updates=updates)
+        writer.add_scalar("losses/q_loss", metrics["q_loss"], updates)
+        writer.add_scalar("losses/q_mean", metrics["q_mean"], updates)
+        writer.add_scalar("charts/updates_per_second", ups, updates)
+        line = f"update {updates}/{args.num_updates} | q loss {metrics['q_loss']:.4f} q {metrics['q_mean']:.2f}"
+        if args.eval_episodes > 0:
+            eval_start = time.time()
+            returns = evaluate(args, env_id, learner, obs_mean, obs_std, device)
+            eval_seconds += time.time() - eval_start
+            line += log_evaluation(writer, metrics, returns, refs)
+        if args.save_model:
+            metrics["checkpoint"] = save_checkpoint(args, learner, run_name, mu_done, updates)
+        print(f"{line} | {ups:.1f} updates/s", flush=True)
 
     writer.close()
-    print(f"done: eval return {metrics['eval_return']:.1f}{score(metrics['eval_return'])}, "
-          f"dataset return {dataset_return:.1f}{score(dataset_return)}")
+    print(f"done: eval return {with_score(metrics['eval_return'], refs)}, "
+          f"dataset return {with_score(dataset_return, refs)}")
     return metrics | {"run_name": run_name}
 
 

@@ -97,8 +97,76 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------
-# Policies: tau ln pi(a|s) is half of the implicit Q-value
+# The IQ loss, Eq. (2): Q(s, a) = tau ln pi(a|s) + V(s) is never a network
 # ----------------------------------------------------------------------------
+
+
+def iq_loss(
+    policy, value, target_policy, target_value, batch: dict,
+    *, tau: float, alpha: float, gamma: float, clip: float, residual: bool = False,
+) -> torch.Tensor:
+    """Mean over the batch of Eq. (2):
+        ( r + alpha max(tau ln pi_bar(a|s), clip) + gamma (1 - terminated) V_bar(s')
+          - tau ln pi(a|s) - V(s) )^2.
+    The Munchausen term tau ln pi_bar is clipped below at `clip` as
+    Munchausen-DQN does: ln pi_bar -> -inf for an action the target policy
+    deems impossible would otherwise swamp the reward. Munchausen-DQN also
+    clips it above at 0, a no-op for a probability (the multicategorical
+    policy: ln pi <= 0), but not for the Gaussian's log-DENSITY, which is
+    positive once the std is small (per dimension E ln pi = -ln sigma - 1.42 > 0
+    for sigma < 0.24): that clip would zero the term for on-policy actions and
+    the run would not be M-IQ. Eq. (2) has no clip at all, so there is no upper
+    one here, for either policy. A truncated episode bootstraps from the
+    final observation (terminated is False there). With residual=True the
+    online V(s') replaces V_bar(s') and gradients flow through it (Trust-PCL).
+    """
+    obs, next_obs = batch["obs"], batch["next_obs"]
+    with torch.no_grad():
+        munchausen = (tau * target_policy.log_prob(obs, batch["action"])).clamp(min=clip)
+        next_v = None if residual else target_value(next_obs).squeeze(-1)
+    if residual:
+        next_v = value(next_obs).squeeze(-1)
+    target = batch["reward"] + alpha * munchausen + gamma * (~batch["terminated"]) * next_v
+    implicit_q = tau * policy.log_prob(obs, batch["action"]) + value(obs).squeeze(-1)
+    return (target - implicit_q).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------
+# Environment, replay buffer, networks (tau ln pi(a|s) is half of the implicit Q-value)
+# ----------------------------------------------------------------------------
+
+
+def make_env(env_id: str, video_folder: Optional[str] = None) -> gym.Env:
+    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+    if video_folder:
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
+    return gym.wrappers.RecordEpisodeStatistics(env)
+
+
+class ReplayBuffer:
+    """A FIFO of transitions (s, a, r, s', terminated) on the device. s' is the
+    true next observation, the final one when a time limit ended the episode;
+    the reset observation never enters as a next state."""
+
+    def __init__(self, capacity: int, obs_dim: int, action_shape: tuple, action_dtype, device):
+        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.data = dict(
+            obs=torch.zeros((capacity, obs_dim), device=device),
+            action=torch.zeros((capacity,) + action_shape, dtype=action_dtype, device=device),
+            reward=torch.zeros(capacity, device=device),
+            next_obs=torch.zeros((capacity, obs_dim), device=device),
+            terminated=torch.zeros(capacity, dtype=torch.bool, device=device),
+        )
+
+    def add(self, **step) -> None:
+        for k, v in step.items():
+            self.data[k][self.ptr] = torch.as_tensor(v, device=self.device)
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int) -> dict:
+        i = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return {k: v[i] for k, v in self.data.items()}
 
 
 def mlp(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -153,51 +221,97 @@ class GaussianPolicy(nn.Module):
         return d.mean if deterministic else d.sample()
 
 
-# ----------------------------------------------------------------------------
-# The IQ loss, Eq. (2)
-# ----------------------------------------------------------------------------
+@dataclass
+class Learner:
+    """What IQ learns, pi and V, their targets (pi_bar, V_bar) and the one optimiser:
+    built, saved and loaded as one."""
+
+    policy: nn.Module
+    value: nn.Sequential
+    target_policy: nn.Module
+    target_value: nn.Sequential
+    optimizer: torch.optim.Optimizer
+
+    SAVED = ("policy", "value", "target_policy", "target_value", "optimizer")
 
 
-def iq_loss(
-    policy, value, target_policy, target_value, batch: dict,
-    tau: float, alpha: float, gamma: float, clip: float, residual: bool = False,
-) -> torch.Tensor:
-    """Mean over the batch of Eq. (2):
-        ( r + alpha max(tau ln pi_bar(a|s), clip) + gamma (1 - terminated) V_bar(s')
-          - tau ln pi(a|s) - V(s) )^2.
-    The Munchausen term tau ln pi_bar is clipped below at `clip` as
-    Munchausen-DQN does: ln pi_bar -> -inf for an action the target policy
-    deems impossible would otherwise swamp the reward. Munchausen-DQN also
-    clips it above at 0, a no-op for a probability (the multicategorical
-    policy: ln pi <= 0), but not for the Gaussian's log-DENSITY, which is
-    positive once the std is small (per dimension E ln pi = -ln sigma - 1.42 > 0
-    for sigma < 0.24): that clip would zero the term for on-policy actions and
-    the run would not be M-IQ. Eq. (2) has no clip at all, so there is no upper
-    one here, for either policy. A truncated episode bootstraps from the
-    final observation (terminated is False there). With residual=True the
-    online V(s') replaces V_bar(s') and gradients flow through it (Trust-PCL).
-    """
-    obs, next_obs = batch["obs"], batch["next_obs"]
-    with torch.no_grad():
-        munchausen = (tau * target_policy.log_prob(obs, batch["action"])).clamp(min=clip)
-        next_v = None if residual else target_value(next_obs).squeeze(-1)
-    if residual:
-        next_v = value(next_obs).squeeze(-1)
-    target = batch["reward"] + alpha * munchausen + gamma * (~batch["terminated"]) * next_v
-    implicit_q = tau * policy.log_prob(obs, batch["action"]) + value(obs).squeeze(-1)
-    return (target - implicit_q).pow(2).mean()
+def make_learner(args: Args, obs_dim: int, act_dim: int, device) -> Learner:
+    if args.policy == "multicategorical":
+        policy = MultiCategoricalPolicy(obs_dim, act_dim, args.n_bins).to(device)
+    else:
+        policy = GaussianPolicy(obs_dim, act_dim).to(device)
+    value = mlp(obs_dim, 1).to(device)
+    # One loss, one optimiser over both networks.
+    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate)
+    return Learner(policy, value, copy.deepcopy(policy).requires_grad_(False),
+                   copy.deepcopy(value).requires_grad_(False), optimizer)
 
 
 # ----------------------------------------------------------------------------
-# Environment, replay buffer
+# Acting: actions for the environment, evaluation
 # ----------------------------------------------------------------------------
 
 
-def make_env(env_id: str, video_folder: Optional[str] = None) -> gym.Env:
-    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
-    if video_folder:
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
-    return gym.wrappers.RecordEpisodeStatistics(env)
+def to_env_action(action: torch.Tensor, policy: str, low: np.ndarray, high: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin indices -> bin centres, or a Gaussian sample clipped to the bounds."""
+    a = action.cpu().numpy()
+    if policy == "multicategorical":
+        return low + a * (high - low) / (n_bins - 1)
+    return np.clip(a, low, high)
+
+
+@torch.no_grad()
+def choose_action(args: Args, policy, env: gym.Env, obs: np.ndarray, warm_up: bool, device) -> torch.Tensor:
+    """A sample of pi(.|s); during the warm-up a uniformly random action: random bins,
+    or uniform over the bounds."""
+    if not warm_up:
+        return policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
+    if args.policy == "multicategorical":
+        return torch.randint(0, args.n_bins, env.action_space.shape)
+    return torch.as_tensor(env.action_space.sample())
+
+
+@torch.no_grad()
+def evaluate(args: Args, policy, device, video_folder: Optional[str] = None) -> np.ndarray:
+    """Returns of eval_episodes episodes of the deterministic policy."""
+    env = make_env(args.env_id, video_folder)
+    low, high = env.action_space.low, env.action_space.high
+    returns = []
+    for episode in range(args.eval_episodes):
+        obs, _ = env.reset(seed=args.seed + 10_000 + episode)
+        done = False
+        while not done:
+            a = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic=True)
+            obs, _, terminated, truncated, info = env.step(to_env_action(a, args.policy, low, high, args.n_bins))
+            done = terminated or truncated
+        returns.append(float(info["episode"]["r"]))
+    env.close()
+    return np.array(returns)
+
+
+# ----------------------------------------------------------------------------
+# The update: one Adam step on Eq. (2), then the targets follow
+# ----------------------------------------------------------------------------
+
+
+def update(args: Args, learner: Learner, batch: dict) -> torch.Tensor:
+    """Section 6: one Adam step on L_IQ (Eq. 2) for pi and V together, then the
+    targets move a fraction lambda = --polyak towards them. Returns the loss."""
+    loss = iq_loss(learner.policy, learner.value, learner.target_policy, learner.target_value, batch,
+                   tau=args.tau, alpha=args.alpha, gamma=args.gamma, clip=args.munchausen_clip, residual=args.residual)
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.optimizer.step()
+    with torch.no_grad():  # theta_bar <- (1 - lambda) theta_bar + lambda theta, and the same for phi
+        for net, target in ((learner.policy, learner.target_policy), (learner.value, learner.target_value)):
+            for p, tp in zip(net.parameters(), target.parameters()):
+                tp.lerp_(p, args.polyak)
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------
+# Around the loop: the command line, seeds, logs, checkpoints, evaluation
+# ----------------------------------------------------------------------------
 
 
 def check_args(args: Args) -> None:
@@ -235,30 +349,76 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-class ReplayBuffer:
-    """A FIFO of transitions (s, a, r, s', terminated) on the device. s' is the
-    true next observation, the final one when a time limit ended the episode;
-    the reset observation never enters as a next state."""
+def method_name(args: Args) -> str:
+    """IQ (alpha = 0) or M-IQ, "-gaussian" for the ablation's policy; residual: PCL or Trust-PCL (Fig. 2)."""
+    if args.residual:
+        return "Trust-PCL" if args.alpha > 0 else "PCL"
+    return ("IQ" if args.alpha == 0 else "M-IQ") + ("-gaussian" if args.policy == "gaussian" else "")
 
-    def __init__(self, capacity: int, obs_dim: int, action_shape: tuple, action_dtype, device):
-        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
-        self.data = dict(
-            obs=torch.zeros((capacity, obs_dim), device=device),
-            action=torch.zeros((capacity,) + action_shape, dtype=action_dtype, device=device),
-            reward=torch.zeros(capacity, device=device),
-            next_obs=torch.zeros((capacity, obs_dim), device=device),
-            terminated=torch.zeros(capacity, dtype=torch.bool, device=device),
-        )
 
-    def add(self, **step) -> None:
-        for k, v in step.items():
-            self.data[k][self.ptr] = torch.as_tensor(v, device=self.device)
-        self.ptr = (self.ptr + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+def seed_and_device(args: Args) -> torch.device:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.capture_video and sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # render without a screen
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    def sample(self, batch_size: int) -> dict:
-        i = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return {k: v[i] for k, v in self.data.items()}
+
+def open_writer(args: Args, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def load_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer) -> int:
+    """Load --checkpoint-path into learner (and, to resume, into buffer); return its global step."""
+    ckpt = torch.load(args.checkpoint_path, map_location=buffer.device)
+    if ckpt["args"]["env_id"] != args.env_id or ckpt["args"]["policy"] != args.policy:
+        raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']} with a "
+                         f"{ckpt['args']['policy']} policy")
+    for k in ("policy",) if args.eval_only else Learner.SAVED:
+        getattr(learner, k).load_state_dict(ckpt[k])
+    if args.eval_only:
+        return 0
+    if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
+        raise UsageError("resume with the checkpoint's --buffer-size")
+    buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
+    return ckpt["global_step"]
+
+
+def save_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer, run_name: str, global_step: int) -> str:
+    path = f"runs/{run_name}/{args.exp_name}.pt"
+    torch.save({k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
+        args=asdict(args), global_step=global_step, buffer=buffer.data,
+        buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
+    return path
+
+
+def end_of_window(args: Args, writer, learner: Learner, buffer: ReplayBuffer, metrics: dict, losses: list,
+                  run_name: str) -> str:
+    """Every --eval-every steps: log the window's mean loss and the speed, evaluate the
+    deterministic policy and write a checkpoint if asked. Returns the status line."""
+    step = metrics["global_step"]
+    if losses:  # none during the random warm-up
+        metrics["loss"] = torch.stack(losses).mean().item()
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite IQ loss at step {step}")
+        writer.add_scalar("losses/iq_loss", metrics["loss"], step)
+    writer.add_scalar("charts/SPS", metrics["sps"], step)
+    line = f"step {step}/{args.total_timesteps}"
+    if "episodic_return" in metrics:
+        line += f" | train return {metrics['episodic_return']:.1f}"
+    if args.eval_episodes > 0:
+        video = f"videos/{run_name}/step{step}" if args.capture_video else None
+        metrics["eval_return"] = float(evaluate(args, learner.policy, buffer.device, video).mean())
+        writer.add_scalar("charts/eval_return", metrics["eval_return"], step)
+        line += f" | eval return {metrics['eval_return']:.1f}"
+    if args.save_model:
+        metrics["checkpoint"] = save_checkpoint(args, learner, buffer, run_name, step)
+    return line + (f" | loss {metrics['loss']:.4f}" if math.isfinite(metrics["loss"]) else " | random warm-up")
 
 
 # ----------------------------------------------------------------------------
@@ -266,101 +426,32 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------
 
 
-def to_env_action(action: torch.Tensor, policy: str, low: np.ndarray, high: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin indices -> bin centres, or a Gaussian sample clipped to the bounds."""
-    a = action.cpu().numpy()
-    if policy == "multicategorical":
-        return low + a * (high - low) / (n_bins - 1)
-    return np.clip(a, low, high)
-
-
-@torch.no_grad()
-def evaluate(args: Args, policy, device, video_folder: Optional[str] = None) -> np.ndarray:
-    """Returns of eval_episodes episodes of the deterministic policy."""
-    env = make_env(args.env_id, video_folder)
-    low, high = env.action_space.low, env.action_space.high
-    returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = env.reset(seed=args.seed + 10_000 + episode)
-        done = False
-        while not done:
-            a = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic=True)
-            obs, _, terminated, truncated, info = env.step(to_env_action(a, args.policy, low, high, args.n_bins))
-            done = terminated or truncated
-        returns.append(float(info["episode"]["r"]))
-    env.close()
-    return np.array(returns)
-
-
 def train(args: Args) -> dict:
-    """Runs IQ / M-IQ and returns the final metrics."""
+    """IQ / M-IQ on SAC's schedule (Section 6): one step in the env, one update; returns the final metrics."""
     check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.capture_video and sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # render without a screen
-    name = {0.0: "IQ"}.get(args.alpha, "M-IQ") + ("-gaussian" if args.policy == "gaussian" else "")
-    name = ("Trust-PCL" if args.alpha > 0 else "PCL") if args.residual else name
+    device = seed_and_device(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-
     env = make_env(args.env_id)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
-    if args.policy == "multicategorical":
-        policy = MultiCategoricalPolicy(obs_dim, act_dim, args.n_bins).to(device)
-        action_shape, action_dtype = (act_dim,), torch.long
-    else:
-        policy = GaussianPolicy(obs_dim, act_dim).to(device)
-        action_shape, action_dtype = (act_dim,), torch.float32
-    value = mlp(obs_dim, 1).to(device)
-    target_policy = copy.deepcopy(policy).requires_grad_(False)
-    target_value = copy.deepcopy(value).requires_grad_(False)
-    # One loss, one optimiser over both networks.
-    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate)
-    buffer = ReplayBuffer(args.buffer_size, obs_dim, action_shape, action_dtype, device)
-    state = dict(policy=policy, value=value, target_policy=target_policy, target_value=target_value,
-                 optimizer=optimizer)
-
-    global_step = 0
-    if args.checkpoint_path:
-        ckpt = torch.load(args.checkpoint_path, map_location=device)
-        if ckpt["args"]["env_id"] != args.env_id or ckpt["args"]["policy"] != args.policy:
-            raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']} with a "
-                             f"{ckpt['args']['policy']} policy")
-        for k in ("policy",) if args.eval_only else state:
-            state[k].load_state_dict(ckpt[k])
-        if not args.eval_only:
-            if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
-                raise UsageError("resume with the checkpoint's --buffer-size")
-            buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
-            global_step = ckpt["global_step"]
-    if args.eval_only:
-        returns = evaluate(args, policy, device, f"videos/{run_name}" if args.capture_video else None)
-        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
-        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    print(f"{name} on {args.env_id} ({device}), {args.total_timesteps} steps, logs in runs/{run_name}")
+    learner = make_learner(args, obs_dim, act_dim, device)
+    action_dtype = torch.long if args.policy == "multicategorical" else torch.float32  # bin indices, or actions
+    buffer = ReplayBuffer(args.buffer_size, obs_dim, (act_dim,), action_dtype, device)
+    global_step = load_checkpoint(args, learner, buffer) if args.checkpoint_path else 0
+    if args.eval_only:  # evaluate the checkpoint's policy, nothing else
+        eval_returns = evaluate(args, learner.policy, device, f"videos/{run_name}" if args.capture_video else None)
+        print(f"eval return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over {len(eval_returns)} episodes")
+        return {"eval_return": float(eval_returns.mean()), "eval_returns": eval_returns.tolist()}
+    writer = open_writer(args, run_name)
+    print(f"{method_name(args)} on {args.env_id} ({device}), {args.total_timesteps} steps, logs in runs/{run_name}")
     obs, _ = env.reset(seed=args.seed)
     env.action_space.seed(args.seed)
     start_time, start_step, window_start = time.time(), global_step, time.time()
     metrics: dict = {"eval_return": float("nan"), "loss": float("nan")}
     losses = []
     while global_step < args.total_timesteps:
-        if global_step < args.learning_starts:
-            # Uniform random actions: random bins, or uniform over the bounds.
-            if args.policy == "multicategorical":
-                action = torch.randint(0, args.n_bins, (act_dim,))
-            else:
-                action = torch.as_tensor(env.action_space.sample())
-        else:
-            with torch.no_grad():
-                action = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        # Section 6: act with pi and store the transition in the FIFO replay buffer.
+        action = choose_action(args, learner.policy, env, obs, global_step < args.learning_starts, device)
         next_obs, reward, terminated, truncated, info = env.step(
             to_env_action(action, args.policy, low, high, args.n_bins))
         # next_obs is the true last observation when the episode ends (no autoreset here).
@@ -372,48 +463,15 @@ def train(args: Args) -> dict:
             writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
             metrics["episodic_return"] = float(info["episode"]["r"])
             obs, _ = env.reset()
-
-        if global_step >= args.learning_starts:
-            loss = iq_loss(policy, value, target_policy, target_value, buffer.sample(args.batch_size),
-                           args.tau, args.alpha, args.gamma, args.munchausen_clip, args.residual)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for net, target in ((policy, target_policy), (value, target_value)):
-                    for p, tp in zip(net.parameters(), target.parameters()):
-                        tp.lerp_(p, args.polyak)
-            losses.append(loss.detach())
-
+        if global_step >= args.learning_starts:  # Section 6: an update at each interaction
+            losses.append(update(args, learner, buffer.sample(args.batch_size)))
         if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
-            if losses:
-                metrics["loss"] = torch.stack(losses).mean().item()
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"non-finite IQ loss at step {global_step}")
-                writer.add_scalar("losses/iq_loss", metrics["loss"], global_step)
-                losses = []
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-            metrics.update(global_step=global_step, sps=sps)
-            line = f"step {global_step}/{args.total_timesteps}"
-            if "episodic_return" in metrics:
-                line += f" | train return {metrics['episodic_return']:.1f}"
-            if args.eval_episodes > 0:
-                video = f"videos/{run_name}/step{global_step}" if args.capture_video else None
-                metrics["eval_return"] = float(evaluate(args, policy, device, video).mean())
-                writer.add_scalar("charts/eval_return", metrics["eval_return"], global_step)
-                line += f" | eval return {metrics['eval_return']:.1f}"
-            if args.save_model:
-                path = f"runs/{run_name}/{args.exp_name}.pt"
-                torch.save({k: v.state_dict() for k, v in state.items()} | dict(
-                    args=asdict(args), global_step=global_step, buffer=buffer.data,
-                    buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
-                metrics["checkpoint"] = path
-            learning = f"loss {metrics['loss']:.4f}" if math.isfinite(metrics["loss"]) else "random warm-up"
-            print(f"{line} | {learning} | {sps} SPS ({(time.time() - window_start) / 60:.1f} min since the last line)",
+            metrics.update(global_step=global_step, sps=int((global_step - start_step) / (time.time() - start_time)))
+            line = end_of_window(args, writer, learner, buffer, metrics, losses, run_name)
+            losses = []
+            print(f"{line} | {metrics['sps']} SPS ({(time.time() - window_start) / 60:.1f} min since the last line)",
                   flush=True)
             window_start = time.time()
-
     env.close()
     writer.close()
     print(f"done: eval return {metrics['eval_return']:.1f} at step {global_step}, "

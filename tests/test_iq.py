@@ -146,7 +146,7 @@ def test_iq_loss_on_a_hand_made_batch(tau):
     e1 = 0.5 + alpha * munchausen(0.2) + gamma * 2.0 - tau * math.log(0.5) - 1.0
     # Step 2: bin 0, terminated: no bootstrap.
     e2 = -1.0 + alpha * munchausen(0.6) - tau * math.log(0.25) - 1.0
-    loss = iq.iq_loss(policy, value, target_policy, target_value, batch, tau, alpha, gamma, -1.0)
+    loss = iq.iq_loss(policy, value, target_policy, target_value, batch, tau=tau, alpha=alpha, gamma=gamma, clip=-1.0)
     assert loss.item() == pytest.approx((e1**2 + e2**2) / 2, rel=1e-6)
     if tau == 5.0:
         assert munchausen(0.2) == -1.0  # the clip is what this case checks
@@ -170,7 +170,8 @@ def test_munchausen_term_keeps_a_positive_log_density():
     assert log_density(0.0, 0.0, 0.1) > 0
     error = (0.5 + alpha * tau * log_density(0.0, 0.0, 0.1) + gamma * 2.0
              - tau * log_density(0.0, 0.2, 0.5) - 1.0)
-    loss = iq.iq_loss(policy, constant_value(1.0), target_policy, constant_value(2.0), batch, tau, alpha, gamma, -1.0)
+    loss = iq.iq_loss(policy, constant_value(1.0), target_policy, constant_value(2.0), batch,
+                      tau=tau, alpha=alpha, gamma=gamma, clip=-1.0)
     assert loss.item() == pytest.approx(error**2, rel=1e-5)
 
 
@@ -183,7 +184,7 @@ def test_residual_target_sends_gradients_through_the_next_value():
     grads = []
     for residual in (False, True):
         value.zero_grad()
-        loss = iq.iq_loss(policy, value, *targets, batch, 0.01, 0.9, 0.99, -1.0, residual)
+        loss = iq.iq_loss(policy, value, *targets, batch, tau=0.01, alpha=0.9, gamma=0.99, clip=-1.0, residual=residual)
         loss.backward()
         grads.append((loss.item(), value[0].weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0])  # same loss: target = online here
