@@ -49,6 +49,8 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the replay buffer and all updates live there)"""
+    compile: bool = True
+    """torch.compile the critic and actor gradient steps (eager where this machine cannot compile)"""
     env_id: Optional[str] = None
     """gymnasium id of an environment with a continuous (Box) action space: Walker2d-v4 if not given;
     offline, the dataset's (a given id must be the same)"""
@@ -526,8 +528,28 @@ def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
 # ----------------------------------------------------------------------------
 
 
-def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm) -> dict:
-    """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4."""
+def critic_step(args: Args, b: dict, critic, target, critic_opt, obs_norm) -> torch.Tensor:
+    """One critic gradient step on a batch b of T-step slices (Algorithm 2 lines 12-14);
+    returns (loss, mean Q, mean target) as one tensor, on the device."""
+    with torch.no_grad():
+        # Alg. 2 l.12: k actions a' ~ mu(.|s') at each of the T next states: [B, T, k, act_dim].
+        next_actions = sample_actions(b["next_mu_mean"], b["mu_std"], args.n_samples)
+        # Alg. 2 l.13: Q* = r + gamma F(Q_target(s', a'_j)), mixed over 1..T steps by TD(lambda).
+        bootstrap = backup_values(target(obs_norm(b["next_obs"]), next_actions), args.backup, args.tau,
+                                  args.backup_scale)
+        y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
+    q = critic(obs_norm(b["obs"][:, 0]), b["action"][:, :1]).squeeze(-1)
+    # Alg. 2 l.14: a gradient step on ||Q* - Q(s, a)||^2, in the network's own units (returns x (1 - gamma)).
+    loss = ((q - y) / critic.out_scale).pow(2).mean()
+    critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    critic_opt.step()
+    return torch.stack([loss.detach(), q.detach().mean(), y.mean()])
+
+
+def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm, step=critic_step) -> dict:
+    """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4; `step` is
+    critic_step or its compiled twin."""
     sums, taken = torch.zeros(3, device=buffer.device), 0
     for i in range(args.critic_steps):
         if Stop.signal:
@@ -535,53 +557,62 @@ def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, o
         if i % args.target_update_every == 0:  # Alg. 2 l.8-9: the target network is the critic of now
             target.load_state_dict(critic.state_dict())
         b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11: (s, mu, a, r, s'), T steps on
-        with torch.no_grad():
-            # Alg. 2 l.12: k actions a' ~ mu(.|s') at each of the T next states: [B, T, k, act_dim].
-            next_actions = sample_actions(b["next_mu_mean"], b["mu_std"], args.n_samples)
-            # Alg. 2 l.13: Q* = r + gamma F(Q_target(s', a'_j)), mixed over 1..T steps by TD(lambda).
-            bootstrap = backup_values(target(obs_norm(b["next_obs"]), next_actions), args.backup, args.tau,
-                                      args.backup_scale)
-            y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
-        q = critic(obs_norm(b["obs"][:, 0]), b["action"][:, :1]).squeeze(-1)
-        # Alg. 2 l.14: a gradient step on ||Q* - Q(s, a)||^2, in the network's own units (returns x (1 - gamma)).
-        loss = ((q - y) / critic.out_scale).pow(2).mean()
-        critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        critic_opt.step()
-        sums, taken = sums + torch.stack([loss.detach(), q.detach().mean(), y.mean()]), taken + 1
+        sums, taken = sums + step(args, b, critic, target, critic_opt, obs_norm), taken + 1
     loss, q_mean, y_mean = (sums / max(1, taken)).tolist()
     return {"critic_loss": loss, "q_mean": q_mean, "target_mean": y_mean}
 
 
-def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm) -> dict:
-    """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu."""
+def actor_step(args: Args, b: dict, actor, critic, actor_opt, obs_norm) -> torch.Tensor:
+    """One actor gradient step on a batch b of states (Algorithm 2 lines 18-21); returns the loss
+    and the diagnostics of train_actor as one tensor, on the device."""
+    obs = obs_norm(b["obs"][:, 0])
+    actions = sample_actions(b["mu_mean"][:, 0], b["mu_std"][:, 0], args.n_samples)  # Alg. 2 l.18: [B, k, d]
+    with torch.no_grad():
+        # Alg. 2 l.19-20: V = mean_j Q(s, a_j), weights xi = exp((Q - V) / beta), normalised and clipped.
+        q = critic(obs, actions)
+        weights = advantage_weights(q, args.beta, args.max_weight)
+    # Alg. 2 l.21: ascend mean_j xi_j log pi(a_j|s), pi = N(actor(s), action_std) per dimension.
+    mean = actor(obs)
+    z = (actions - mean.unsqueeze(1)) / args.action_std
+    log_prob = (-0.5 * z.pow(2) - math.log(args.action_std * math.sqrt(2 * math.pi))).sum(-1)
+    loss = -(weights * log_prob).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    actor_opt.step()
+    # Diagnostics: clipped weights; policy means at or past the action bounds; how much Q
+    # and the weights vary over the k actions of one state (std over k, averaged over states).
+    at_bound = ((mean.detach() <= critic.low) | (mean.detach() >= critic.high)).float().mean()
+    return torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
+                        q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
+
+
+def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm, step=actor_step) -> dict:
+    """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu; `step` is
+    actor_step or its compiled twin."""
     sums, taken = torch.zeros(5, device=buffer.device), 0
     for _ in range(args.actor_steps):
         if Stop.signal:
             break
         b = buffer.sample(args.batch_size, 1)  # Alg. 2 l.17: (s, mu)
-        obs = obs_norm(b["obs"][:, 0])
-        actions = sample_actions(b["mu_mean"][:, 0], b["mu_std"][:, 0], args.n_samples)  # Alg. 2 l.18: [B, k, d]
-        with torch.no_grad():
-            # Alg. 2 l.19-20: V = mean_j Q(s, a_j), weights xi = exp((Q - V) / beta), normalised and clipped.
-            q = critic(obs, actions)
-            weights = advantage_weights(q, args.beta, args.max_weight)
-        # Alg. 2 l.21: ascend mean_j xi_j log pi(a_j|s), pi = N(actor(s), action_std) per dimension.
-        mean = actor(obs)
-        z = (actions - mean.unsqueeze(1)) / args.action_std
-        log_prob = (-0.5 * z.pow(2) - math.log(args.action_std * math.sqrt(2 * math.pi))).sum(-1)
-        loss = -(weights * log_prob).mean()
-        actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        actor_opt.step()
-        # Diagnostics: clipped weights; policy means at or past the action bounds; how much Q
-        # and the weights vary over the k actions of one state (std over k, averaged over states).
-        at_bound = ((mean.detach() <= critic.low) | (mean.detach() >= critic.high)).float().mean()
-        sums = sums + torch.stack([loss.detach(), (weights >= args.max_weight).float().mean(), at_bound,
-                                   q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
-        taken += 1
+        sums, taken = sums + step(args, b, actor, critic, actor_opt, obs_norm), taken + 1
     names = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
     return dict(zip(names, (sums / max(1, taken)).tolist()))
+
+
+def compiled(fn, args: Args, device: torch.device):
+    """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
+    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
+    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    if not args.compile:
+        return fn
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except Exception as e:
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+              "running eager")
+        return fn
+    torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
+    return torch.compile(fn)
 
 
 # ----------------------------------------------------------------------------
@@ -772,6 +803,7 @@ def train(args: Args) -> dict:
         print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
         return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
     writer = open_writer(args, run_name)
+    critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
     n_iterations = args.total_timesteps // args.steps_per_iteration
     print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
     # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
@@ -791,8 +823,10 @@ def train(args: Args) -> dict:
             writer.add_scalar("charts/episodic_return", ret, step)
             writer.add_scalar("charts/episodic_length", length, step)
 
-        metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm)
-        metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm)
+        metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm,
+                               critic_update)
+        metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm,
+                               actor_update)
 
         sps = int((step - start * args.steps_per_iteration) / (time.time() - start_time))
         metrics |= dict(iteration=iteration + 1, global_step=step, sps=sps,
@@ -836,6 +870,7 @@ def train_offline(args: Args) -> dict:
         start, saved_name = load_checkpoint(args, learner, None)
         run_name = saved_name or run_name
     writer = open_writer(args, run_name)
+    critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
     # Every dataset episode ends with episode_end, so this is the mean episode return.
     dataset_return = (buffer.data["reward"].sum() / buffer.data["episode_end"].sum()).item()
     writer.add_scalar("charts/dataset_return", dataset_return, 0)
@@ -844,8 +879,10 @@ def train_offline(args: Args) -> dict:
     metrics, start_time = {}, time.time()
     for iteration in range(start, args.offline_iterations):  # the x-axis counts iterations: no env steps
         iteration_start = time.time()
-        metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm)
-        metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm)
+        metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm,
+                               critic_update)
+        metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm,
+                               actor_update)
         metrics |= dict(iteration=iteration + 1, global_step=iteration + 1, dataset_return=dataset_return,
                         seconds_per_iteration=time.time() - iteration_start)
         evaluate_now = (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.offline_iterations

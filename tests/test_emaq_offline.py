@@ -158,7 +158,7 @@ def test_a_run_from_a_dataset_made_by_qwr(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
     monkeypatch.chdir(tmp_path)
     qwr.train(qwr.Args(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=2,
-                       actor_steps=2, batch_size=32, eval_episodes=0, cuda=False,
+                       actor_steps=2, batch_size=32, eval_episodes=0, cuda=False, compile=False,
                        save_dataset="local/hopper/tiny-v0"))
     args = emaq.Args(dataset_id="local/hopper/tiny-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
                      n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, save_model=True)

@@ -66,7 +66,7 @@ def test_a_missing_dataset_lists_what_is_there_and_how_to_make_one(datasets_dir)
     assert "python qwr_continuous.py --env-id Walker2d-v4 --save-dataset local/walker2d/missing-v0" in str(error.value)
 
 
-UPDATES = dict(critic_steps=4, actor_steps=4, batch_size=32, eval_every=2, eval_episodes=1, cuda=False)
+UPDATES = dict(critic_steps=4, actor_steps=4, batch_size=32, eval_every=2, eval_episodes=1, cuda=False, compile=False)
 TINY = dict(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, buffer_size=1000, **UPDATES)
 
 

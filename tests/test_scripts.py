@@ -36,7 +36,7 @@ class Tiny:
 
 TINY = {
     "qwr": Tiny(qwr_continuous, dict(total_timesteps=200, steps_per_iteration=100, critic_steps=8, actor_steps=8,
-                                     eval_every=1), resume_to=300,
+                                     eval_every=1, compile=False), resume_to=300,
                 finite=("critic_loss", "actor_loss", "q_mean", "target_mean", "eval_return", "sps")),
     # 250 steps in iterations of 100: the last iteration collects 50, with fewer updates.
     "awr": Tiny(awr_continuous, dict(total_timesteps=250, samples_per_iteration=100, critic_steps=8, actor_steps=8,
@@ -133,7 +133,7 @@ def test_bitflip_rejects_an_impossible_flag_in_one_line():
 INTERRUPTIBLE = {
     "qwr_continuous.py": ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--steps-per-iteration", "100",
                           "--critic-steps", "300", "--actor-steps", "300", "--batch-size", "32", "--buffer-size",
-                          "1000", "--eval-every", "4", "--eval-episodes", "1", "--no-cuda"],
+                          "1000", "--eval-every", "4", "--eval-episodes", "1", "--no-cuda", "--no-compile"],
     "qwr_atari.py": ["--env-id", "PongNoFrameskip-v4", "--total-timesteps", "400", "--steps-per-iteration", "100",
                      "--critic-steps", "40", "--actor-steps", "40", "--batch-size", "8", "--buffer-size", "500",
                      "--eval-every", "4", "--eval-episodes", "1", "--eval-episode-steps", "50",

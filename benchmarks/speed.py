@@ -1,0 +1,164 @@
+"""How fast each script's training iteration runs here, eager and compiled, against the machine's limit.
+
+    python benchmarks/speed.py                      # every script that has --compile, on this machine
+    python benchmarks/speed.py --readme README.md   # and rewrite the README's speed block
+
+For each script, in one process: the seconds one training iteration takes (its environment steps
+and its gradient steps, as `train` runs them; evaluation not included) eager and through
+torch.compile, the two measured in alternating rounds so that both see the same machine; the
+gradient steps per second; and the fraction of the machine they use: their floating-point
+operations per second (counted with torch's FlopCounterMode on one eager step) over the FLOP/s
+of large float32 matrix multiplies, measured in the same run with the same threads. Writes
+benchmarks/results/speed-cpu.md (or speed-cuda.md) with the date and the machine, and with --readme
+the README's block for that device.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_limit(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n float32 matrix multiply, the best of `repeats`."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
+    """qwr_continuous.py on Walker2d-v4 at its defaults: 1000 env steps, 1000 critic and 1000 actor steps."""
+    import qwr_continuous as qwr
+
+    args = qwr.Args(env_id="Walker2d-v4")
+    envs = qwr.make_vec_env(args.env_id, 1)
+    obs_dim = envs.single_observation_space.shape[0]
+    learner = qwr.make_learner(args, obs_dim, envs.single_action_space, device, args.obs_norm_sample_limit)
+    buffer = qwr.ReplayBuffer(args.buffer_size, 1, obs_dim, envs.single_action_space.shape[0], device)
+    obs, _ = envs.reset(seed=0)
+    collect_seconds = []
+    for _ in range(5):  # a replay buffer of real steps, and the time collection takes
+        start = time.perf_counter()
+        rollout, obs, _ = qwr.collect(envs, obs, args.steps_per_iteration, learner.actor, learner.obs_norm,
+                                      args.action_std, device)
+        collect_seconds.append(time.perf_counter() - start)
+        learner.obs_norm.update(rollout["obs"])
+        buffer.add(rollout)
+    envs.close()
+
+    def updates(critic_fn, actor_fn, n: int) -> None:
+        short = replace(args, critic_steps=n, actor_steps=n)
+        qwr.train_critic(short, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm, critic_fn)
+        qwr.train_actor(short, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm, actor_fn)
+
+    with FlopCounterMode(display=False) as counter:
+        updates(qwr.critic_step, qwr.actor_step, 1)
+    flops = counter.get_total_flops()  # one critic and one actor step
+    start = time.perf_counter()
+    fast = (qwr.compiled(qwr.critic_step, args, device), qwr.compiled(qwr.actor_step, args, device))
+    updates(*fast, 3)  # compiles both
+    compile_seconds = time.perf_counter() - start
+    modes = {"eager": (qwr.critic_step, qwr.actor_step), "compiled": fast}
+    per_step = {mode: [] for mode in modes}  # seconds per (critic step + actor step)
+    for _ in range(rounds):
+        for mode, fns in modes.items():
+            sync(device)
+            start = time.perf_counter()
+            updates(*fns, steps)
+            sync(device)
+            per_step[mode].append((time.perf_counter() - start) / steps)
+    step = {mode: statistics.median(v) for mode, v in per_step.items()}
+    collect = statistics.median(collect_seconds)
+    return dict(script="qwr_continuous.py", task="Walker2d-v4", steps=args.critic_steps, flops=flops,
+                collect=collect, step=step, compile_seconds=compile_seconds,
+                iteration={m: collect + args.critic_steps * s for m, s in step.items()})
+
+
+BENCHES = {"qwr_continuous.py": bench_qwr_continuous}
+NOT_YET = ("qwr_atari.py", "awr_continuous.py", "iq_continuous.py", "emaq_offline.py")  # no --compile yet
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (GPU)"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads"
+
+
+def table(results: list[dict], limit: float, device: torch.device) -> str:
+    lines = [f"Measured {datetime.date.today().isoformat()} on {machine(device)}, torch {torch.__version__}; "
+             f"the machine's limit: {limit / 1e9:.0f} GFLOP/s (2048 x 2048 float32 matrix multiply).", "",
+             "| script | task | device | s / iteration, eager | s / iteration, compiled | speed-up | "
+             "updates / s, compiled | GFLOP / update | share of the limit, eager / compiled | compile time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        share = {m: r["flops"] / s / limit for m, s in r["step"].items()}
+        lines.append(
+            f"| {r['script']} | {r['task']} | {device.type} | {r['iteration']['eager']:.1f} | "
+            f"{r['iteration']['compiled']:.1f} | {r['iteration']['eager'] / r['iteration']['compiled']:.2f}x | "
+            f"{2 / r['step']['compiled']:.0f} | {r['flops'] / 2e9:.2f} | {share['eager']:.0%} / {share['compiled']:.0%} | "
+            f"{r['compile_seconds']:.0f} s |")
+    lines += ["", "An iteration is what `train` does between two logging lines, evaluation not included: "
+              "collecting its environment steps, then its critic and actor steps; an update is one critic or one "
+              "actor step. Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cuda", action="store_true", help="measure on the GPU (default: the CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating eager / compiled rounds")
+    parser.add_argument("--steps", type=int, default=200, help="critic and actor steps per round")
+    parser.add_argument("--readme", type=Path, help="also replace this device's block there")
+    a = parser.parse_args()
+    device = torch.device("cuda" if a.cuda else "cpu")
+    start, end = f"<!-- benchmarks/speed.py {device.type}: start -->", f"<!-- benchmarks/speed.py {device.type}: end -->"
+    torch.manual_seed(0)
+    limit = matmul_limit(device)
+    results = []
+    for script, bench in BENCHES.items():
+        print(f"{script} ...", flush=True)
+        results.append(bench(device, a.rounds, a.steps))
+    limit = max(limit, matmul_limit(device))  # measured again after the runs, the better of the two
+    text = table(results, limit, device)
+    print(text)
+    (RESULTS / f"speed-{device.type}.md").write_text(f"# Speed ({device.type})\n\n{text}\n")
+    if a.readme:
+        readme = a.readme.read_text()
+        if start not in readme or end not in readme:
+            raise SystemExit(f"error: {a.readme} has no {start} ... {end} block to replace")
+        head, rest = readme.split(start, 1)
+        a.readme.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+        print(f"updated {a.readme}")
+
+
+if __name__ == "__main__":
+    main()
