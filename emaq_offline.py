@@ -516,17 +516,15 @@ def train(args: Args) -> dict:
     check_args(args)
     device = seed_and_device(args)
     data, env_id, refs, dataset_return = load_transitions(args.dataset_id, device)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     num_transitions, obs_dim, act_dim = len(data["reward"]), data["obs"].shape[1], data["action"].shape[1]
     # Observations are standardised with the dataset's statistics (fixed: the data is).
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0).clamp(min=1e-3)
     for k in ("obs", "next_obs"):
         data[k] = (data[k] - obs_mean) / obs_std
     learner = make_learner(args, env_id, obs_dim, act_dim, device)
-    mu_done, q_done = 0, 0
-    if args.checkpoint_path:  # the same run goes on: its log directory, step counters and random state
-        mu_done, q_done, saved_name = load_checkpoint(args, learner)
-        run_name = saved_name or run_name
+    # A checkpoint's run goes on: its log directory, step counters and random state.
+    mu_done, q_done, saved_name = load_checkpoint(args, learner) if args.checkpoint_path else (0, 0, None)
+    run_name = saved_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.eval_only:
         returns = evaluate(args, env_id, learner, obs_mean, obs_std, device)
         print(f"eval return {with_score(returns.mean(), refs)} +- {returns.std():.1f}")
@@ -535,7 +533,7 @@ def train(args: Args) -> dict:
     print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {num_transitions} transitions of {env_id}, dataset "
           f"return {with_score(dataset_return, refs)}; logs in runs/{run_name} ({device})")
     metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
-    if not args.checkpoint_path:  # (a resumed run has logged it)
+    if not saved_name:  # (a resumed run has logged it)
         writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
 
     # 1. Alg. 1: pretrain mu on D (a resumed run goes on from the checkpoint's step).

@@ -9,7 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -205,6 +205,50 @@ def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_
     assert [e.step for e in ea.Scalars(run.speed_tag)] == run.logged
     assert [e.step for e in ea.Scalars("charts/eval_return")] == run.evaluated
 
+
+
+# The function each script calls once per gradient step, and a tiny run logged every 100 steps (or updates).
+STEPPED = {
+    "iq": ("update", dict(total_timesteps=400, learning_starts=100, eval_every=100, eval_episodes=0)),
+    "emaq": ("emaq_target", dict(mu_steps=10, num_updates=400, eval_every=100, eval_episodes=0)),
+}
+
+
+@pytest.mark.parametrize("script", STEPPED)
+def test_a_stop_between_two_logging_steps_leaves_them_to_the_resumed_run(script, tmp_path, monkeypatch, capsys,
+                                                                       request):
+    # The signal's timing, made exact: Stop.signal is set (as the handler sets it) in the 150th gradient step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    module, (name, flags) = SCRIPT_MODULES[script], STEPPED[script]
+    if script == "emaq":
+        monkeypatch.setenv("MINARI_DATASETS_PATH", request.getfixturevalue("tiny_dataset")[0])
+        args = emaq_offline.Args(**(EMAQ_TINY | flags))
+    else:
+        args = tiny(script, **flags)
+    monkeypatch.setattr(module.Stop, "signal", None)  # (and back to None after the test)
+    step, calls = getattr(module, name), []
+
+    def step_that_stops_at_150(*a, **k):
+        calls.append(1)
+        if len(calls) == 150:
+            module.Stop.signal = signal.SIGINT
+        return step(*a, **k)
+
+    monkeypatch.setattr(module, name, step_that_stops_at_150)
+    with pytest.raises(SystemExit) as stopped:
+        module.train(args)
+    assert stopped.value.code == 128 + signal.SIGINT
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"after {'step 249' if script == 'iq' else 'update 150'}, saved" in last, last  # (IQ learns from step 100)
+    module.Stop.signal = None
+    module.train(replace(args, checkpoint_path=shlex.split(last)[-1].split("=", 1)[1]))
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    loss = "losses/iq_loss" if script == "iq" else "losses/q_loss"
+    assert [e.step for e in ea.Scalars(loss)] == [100, 200, 300, 400]  # the cut window once, by the resumed run
 
 def bad_checkpoints(script: str, good: str, tmp_path: Path) -> list:
     """(file, flags of the run that loads it, the error's message) for each kind of bad checkpoint."""
