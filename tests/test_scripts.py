@@ -254,8 +254,9 @@ def bad_checkpoints(script: str, good: str, tmp_path: Path) -> list:
     """(file, flags of the run that loads it, the error's message) for each kind of bad checkpoint."""
     module = SCRIPT_MODULES[script]
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    torch.save({"script": "other_script.py", "actor": {}}, tmp_path / "other.pt")
     ckpt = torch.load(good, weights_only=False)
+    torch.save(ckpt | {"script": "other_script.py"}, tmp_path / "other.pt")  # every key, but another script's
+    torch.save({"actor": {}}, tmp_path / "partial.pt")  # (no "script", as in older checkpoints)
     net = next(k for k in module.Learner.SAVED if "opt" not in k)  # a network: make its first layer wider
     first = next(iter(ckpt[net]))
     ckpt[net][first] = torch.zeros(ckpt[net][first].shape[0] + 1, *ckpt[net][first].shape[1:])
@@ -263,6 +264,7 @@ def bad_checkpoints(script: str, good: str, tmp_path: Path) -> list:
     cases = [
         ("notes.pt", {}, "notes.pt is not a checkpoint (UnpicklingError"),
         ("other.pt", {}, f"other.pt is not a checkpoint of {module.SCRIPT} (other_script.py)"),
+        ("partial.pt", {}, f"partial.pt is not a checkpoint of {module.SCRIPT} ("),
         ("wider.pt", {}, f"wider.pt: its {net} does not fit this run's"),
     ]
     if script == "emaq":
