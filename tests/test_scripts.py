@@ -206,7 +206,10 @@ def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_
     assert [e.step for e in ea.Scalars("charts/eval_return")] == run.evaluated
 
 
-
+SCRIPT_MODULES = {"qwr": qwr_continuous, "awr": awr_continuous, "iq": iq_continuous, "emaq": emaq_offline}
+# EMaQ's tiny run, on the tiny_dataset fixture's data.
+EMAQ_TINY = dict(dataset_id="local/hopper/tiny-v0", mu_steps=10, num_updates=10, eval_every=10, eval_episodes=1,
+                 n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False)
 # The function each script calls once per gradient step, and a tiny run logged every 100 steps (or updates).
 STEPPED = {
     "iq": ("update", dict(total_timesteps=400, learning_starts=100, eval_every=100, eval_episodes=0)),
@@ -283,12 +286,9 @@ def bad_checkpoints(script: str, good: str, tmp_path: Path) -> list:
     }[script]
 
 
-SCRIPT_MODULES = {"qwr": qwr_continuous, "awr": awr_continuous, "iq": iq_continuous, "emaq": emaq_offline}
 # Each script's tiny run that writes the good checkpoint: one iteration (window, stretch) of 100 steps (10 updates).
 GOOD_RUN = {"qwr": dict(total_timesteps=100, eval_every=1), "awr": dict(total_timesteps=100, eval_every=1),
             "iq": dict(total_timesteps=100), "emaq": {}}
-EMAQ_TINY = dict(dataset_id="local/hopper/tiny-v0", mu_steps=10, num_updates=10, eval_every=10, eval_episodes=1,
-                 n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False)
 
 
 @pytest.mark.parametrize("script", SCRIPT_MODULES)
