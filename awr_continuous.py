@@ -21,6 +21,8 @@ prints it (awr.md lost the algorithm box).
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -92,9 +94,9 @@ class Args:
     capture_video: bool = False
     """record the first episode of each evaluation to videos/"""
     save_model: bool = False
-    """write a checkpoint (networks, optimisers, replay buffer) at each evaluation"""
+    """write a checkpoint (networks, optimisers, normaliser, replay buffer, random state) at each evaluation"""
     checkpoint_path: Optional[str] = None
-    """checkpoint to load: training resumes from it, or see --eval-only"""
+    """checkpoint to load: training resumes from it, in the same run directory, or see --eval-only"""
     eval_only: bool = False
     """only evaluate the policy of --checkpoint-path, then exit"""
 
@@ -112,9 +114,31 @@ AUTHORS_PER_ENV = {
 # The defaults of the authors' AWRAgent, used for any other environment.
 AUTHORS_DEFAULT = dict(actor_lr=5e-5, action_std=0.2)
 
+SCRIPT = "awr_continuous.py"
+# Flags that can break the numbers: a non-finite loss names those set away from their defaults.
+SENSITIVE = ("critic_lr", "actor_lr", "momentum", "beta", "max_weight", "action_std", "action_bound_weight", "gamma")
+
 
 class UsageError(ValueError):
     """A mistake in the command line, reported as one line before training."""
+
+
+class Stop:
+    """From the command line, SIGINT (Ctrl-C) or SIGTERM sets Stop.signal: training stops at the next
+    safe point (between two gradient steps), writes a checkpoint and says how to resume. A second
+    signal stops the process at once."""
+
+    signal: Optional[int] = None
+
+    @classmethod
+    def catch_signals(cls) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, cls.request)
+
+    @classmethod
+    def request(cls, signum, frame) -> None:
+        cls.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------
@@ -400,9 +424,11 @@ def buffer_returns(args: Args, buffer: ReplayBuffer, learner: Learner):
 
 
 def train_critic(args: Args, learner: Learner, states: torch.Tensor, returns: torch.Tensor, n_steps: int) -> dict:
-    """Alg. 1 l.6-9: n_steps regressions of V(s) on the fixed TD(lambda) returns."""
-    sums = torch.zeros(1, device=states.device)
+    """Alg. 1 l.6-9: n_steps regressions of V(s) on the fixed TD(lambda) returns (fewer after a Stop)."""
+    sums, taken = torch.zeros(1, device=states.device), 0
     for _ in range(n_steps):
+        if Stop.signal:  # the safe point: between two gradient steps
+            break
         i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.7: s ~ D
         v = learner.critic(learner.obs_norm(states[i]))
         # Alg. 1 l.8: a step on ||R - V(s)||^2, in the network's own units, with the authors' factor 1/2.
@@ -410,26 +436,30 @@ def train_critic(args: Args, learner: Learner, states: torch.Tensor, returns: to
         learner.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         learner.critic_opt.step()
-        sums += loss.detach()
-    return {"critic_loss": (sums / max(1, n_steps)).item()}
+        sums, taken = sums + loss.detach(), taken + 1
+    return {"critic_loss": (sums / max(1, taken)).item()}
 
 
 def train_actor(args: Args, learner: Learner, states: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor,
                 n_steps: int) -> dict:
     """Alg. 1 l.10-14 (Eq. 10): n_steps of weighted maximum likelihood of the stored
-    actions (in the policy's units) with the weights xi, plus the authors' action-bound penalty."""
-    sums = torch.zeros(1, device=states.device)
+    actions (in the policy's units) with the weights xi, plus the authors' action-bound penalty (fewer after a Stop)."""
+    sums, taken = torch.zeros(1, device=states.device), 0
     for _ in range(n_steps):
+        if Stop.signal:
+            break
         i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.11: (s, a) ~ D
         mean = learner.actor(learner.obs_norm(states[i]))
-        log_prob = torch.distributions.Normal(mean, learner.action_std).log_prob(actions[i]).sum(-1)
+        # log N(a; mean, std), written out: a non-finite mean reaches the loss check (no distribution validation).
+        z = (actions[i] - mean) / learner.action_std
+        log_prob = (-0.5 * z.pow(2) - math.log(learner.action_std * math.sqrt(2 * math.pi))).sum(-1)
         # Alg. 1 l.13: ascend xi log pi(a|s).
         loss = -(weights[i] * log_prob).mean() + args.action_bound_weight * action_bound_loss(mean)
         learner.actor_opt.zero_grad(set_to_none=True)
         loss.backward()
         learner.actor_opt.step()
-        sums += loss.detach()
-    return {"actor_loss": (sums / max(1, n_steps)).item()}
+        sums, taken = sums + loss.detach(), taken + 1
+    return {"actor_loss": (sums / max(1, taken)).item()}
 
 
 # ----------------------------------------------------------------------------
@@ -503,29 +533,65 @@ def open_writer(args: Args, run_name: str) -> SummaryWriter:
     return writer
 
 
-def load_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer) -> int:
-    """Load --checkpoint-path into learner (and, to resume, into buffer); return its global step."""
-    ckpt = torch.load(args.checkpoint_path, map_location=buffer.device)
+def load_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer) -> tuple[int, Optional[str]]:
+    """Load --checkpoint-path into learner (and, to resume, into buffer and the random streams); return
+    its global step and run name. A file that does not fit this run is refused with one line naming it
+    and the mismatch."""
+    path = args.checkpoint_path
+    try:
+        ckpt = torch.load(path, map_location=buffer.device, weights_only=False)
+    except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} (it holds a {type(ckpt).__name__})")
+    missing = [k for k in (*Learner.SAVED, "args", "global_step", "buffer") if k not in ckpt]
+    if ckpt.get("script", SCRIPT) != SCRIPT or missing:  # (older checkpoints have no "script")
+        why = ckpt["script"] if ckpt.get("script", SCRIPT) != SCRIPT else "no " + ", ".join(missing)
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({why})")
     if ckpt["args"]["env_id"] != args.env_id:
-        raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+        raise UsageError(f"{path} was trained on {ckpt['args']['env_id']}, not {args.env_id}")
     for k in ("actor", "obs_norm") if args.eval_only else Learner.SAVED:
-        getattr(learner, k).load_state_dict(ckpt[k])
+        try:
+            getattr(learner, k).load_state_dict(ckpt[k])
+        except (RuntimeError, ValueError, KeyError) as e:  # another network size or optimiser
+            raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
     if args.eval_only:
-        return 0
+        return 0, ckpt.get("run_name")
     if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
-        raise UsageError("resume with the checkpoint's --buffer-size and --num-envs")
+        raise UsageError(f"{path}: resume with the checkpoint's --buffer-size {ckpt['args']['buffer_size']} and "
+                         f"--num-envs {ckpt['args']['num_envs']}")
     buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
     # The environments restart, so the stored episode in progress ends here.
     buffer.data["episode_end"][(buffer.ptr - 1) % buffer.capacity] = True
-    return ckpt["global_step"]
+    if "rng" in ckpt:  # the random streams go on where they stopped
+        random.setstate(ckpt["rng"]["python"])
+        np_state = ckpt["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["global_step"], ckpt.get("run_name")
 
 
 def save_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer, run_name: str, global_step: int) -> str:
+    """Write runs/<run>/<exp_name>.pt atomically (a run killed mid-write leaves the last good checkpoint)."""
     path = f"runs/{run_name}/{args.exp_name}.pt"
+    np_state = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+               torch=torch.get_rng_state())
     torch.save({k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
-        args=asdict(args), global_step=global_step, buffer=buffer.data,
-        buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
+        script=SCRIPT, args=asdict(args), global_step=global_step, run_name=run_name, rng=rng, buffer=buffer.data,
+        buffer_ptr=buffer.ptr, buffer_size=buffer.size), path + ".tmp")
+    os.replace(path + ".tmp", path)
     return path
+
+
+def resume_command(args: Args, path: str) -> str:
+    """The command line that continues this run from the checkpoint at path."""
+    defaults = asdict(Args())
+    flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+             else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items()
+             if v != defaults[k] and k != "checkpoint_path"]
+    return shlex.join(["python", SCRIPT, *flags, f"--checkpoint-path={path}"])
 
 
 def end_of_iteration(args: Args, writer, learner: Learner, buffer: ReplayBuffer, metrics: dict,
@@ -534,7 +600,10 @@ def end_of_iteration(args: Args, writer, learner: Learner, buffer: ReplayBuffer,
     write a checkpoint if asked. Returns the status line's evaluation part."""
     step = metrics["global_step"]
     if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "value_mean")):
-        raise FloatingPointError(f"non-finite losses at step {step}: {metrics}")
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE
+                   if getattr(args, k) != getattr(Args(), k)]
+        raise FloatingPointError(f"non-finite losses at step {step} (critic {metrics['critic_loss']}, actor "
+                                 f"{metrics['actor_loss']}); likely cause: {', '.join(changed) or 'none of the flags'}")
     for k in ("critic_loss", "actor_loss", "value_mean", "return_mean", "clipped_weight_fraction"):
         writer.add_scalar(f"losses/{k}", metrics[k], step)
     writer.add_scalar("charts/SPS", metrics["sps"], step)
@@ -571,7 +640,10 @@ def train(args: Args) -> dict:
     # Alg. 1 l.1-3: random actor and critic parameters, an empty replay buffer D.
     learner = make_learner(args, obs_dim, act_dim, device, actor_lr, action_std)
     buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
-    global_step = load_checkpoint(args, learner, buffer) if args.checkpoint_path else 0
+    global_step = 0
+    if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
+        global_step, saved_name = load_checkpoint(args, learner, buffer)
+        run_name = saved_name or run_name
     if args.eval_only:  # evaluate the checkpoint's policy, nothing else
         eval_returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device,
                                 args.seed + 10_000, f"videos/{run_name}" if args.capture_video else None)
@@ -581,11 +653,11 @@ def train(args: Args) -> dict:
     n_iterations = math.ceil(args.total_timesteps / args.samples_per_iteration)
     print(f"AWR on {args.env_id} ({device}), {n_iterations} iterations, actor lr {actor_lr}, "
           f"action std {action_std}, logs in runs/{run_name}")
-    obs, _ = envs.reset(seed=args.seed)
-    envs.action_space.seed(args.seed)
+    iteration = global_step // args.samples_per_iteration
+    # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
+    obs, _ = envs.reset(seed=args.seed + iteration)
     start_time, start_step = time.time(), global_step
     metrics: dict = {"eval_return": float("nan")}
-    iteration = global_step // args.samples_per_iteration
     while global_step < args.total_timesteps:  # Alg. 1 l.4
         iteration_start = time.time()
         # Alg. 1 l.5: add trajectories sampled by pi_theta to D.
@@ -625,6 +697,11 @@ def train(args: Args) -> dict:
         line += end_of_iteration(args, writer, learner, buffer, metrics, evaluate_now, run_name)
         print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {sps} SPS, "
               f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
+        if Stop.signal:  # this iteration's remaining updates were skipped; save the run as it stands
+            path = os.path.abspath(save_checkpoint(args, learner, buffer, run_name, global_step))
+            print(f"stopped by {signal.Signals(Stop.signal).name} after iteration {iteration}, saved; resume with: "
+                  f"{resume_command(args, path)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + Stop.signal)
     envs.close()
     writer.close()
     print(f"done: eval return {metrics['eval_return']:.1f} at step {global_step}, "
@@ -633,7 +710,9 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    Stop.catch_signals()
     try:
-        train(tyro.cli(Args))
+        train(cli_args)
     except UsageError as e:
         sys.exit(f"error: {e}")

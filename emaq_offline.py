@@ -21,6 +21,8 @@ import copy
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -83,16 +85,38 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation"""
     save_model: bool = False
-    """write a checkpoint (mu, Q-ensemble, targets, optimisers) at each evaluation"""
+    """write a checkpoint (mu, Q-ensemble, targets, optimisers, random state) at each evaluation"""
     checkpoint_path: Optional[str] = None
-    """checkpoint to load: training resumes from it, or see --eval-only"""
+    """checkpoint to load: training resumes from it, in the same run directory, or see --eval-only"""
     eval_only: bool = False
     """only evaluate the policy of --checkpoint-path, then exit"""
+
+
+SCRIPT = "emaq_offline.py"
+# Flags that can break the numbers: a non-finite loss names those set away from their defaults.
+SENSITIVE = ("q_lr", "mu_lr", "gamma", "ema", "ensemble_lambda", "n_samples", "n_bins")
 
 
 class UsageError(ValueError):
     """A mistake in the command line, reported as one line before training."""
 
+
+class Stop:
+    """From the command line, SIGINT (Ctrl-C) or SIGTERM sets Stop.signal: training stops at the next
+    safe point (between two gradient steps, of mu or of the Q-ensemble), writes a checkpoint and says
+    how to resume. A second signal stops the process at once."""
+
+    signal: Optional[int] = None
+
+    @classmethod
+    def catch_signals(cls) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, cls.request)
+
+    @classmethod
+    def request(cls, signum, frame) -> None:
+        cls.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------
@@ -314,12 +338,15 @@ def evaluate(args: Args, env_id: str, learner: Learner, obs_mean, obs_std, devic
     return returns
 
 
-def fit_behavior(args: Args, data: dict, learner: Learner, first_step: int, writer) -> dict:
+def fit_behavior(args: Args, data: dict, learner: Learner, first_step: int, writer) -> tuple[dict, int]:
     """Alg. 1's "pretrain mu(a|s) on D": maximum likelihood of the dataset's actions
-    (Appendix B), from first_step to --mu-steps. Returns the last logged NLL."""
+    (Appendix B), from first_step to --mu-steps. Returns the last logged NLL and the
+    step reached (--mu-steps, unless a Stop came first)."""
     num_transitions, device = len(data["reward"]), data["reward"].device
     metrics, start = {}, time.time()
     for step in range(first_step, args.mu_steps):
+        if Stop.signal:  # the safe point: between two gradient steps; a resumed run goes on from here
+            return metrics, step
         i = torch.randint(0, num_transitions, (args.batch_size,), device=device)
         loss = -learner.behavior.log_prob_bins(data["obs"][i], data["action"][i]).mean()
         learner.mu_opt.zero_grad(set_to_none=True)
@@ -327,18 +354,23 @@ def fit_behavior(args: Args, data: dict, learner: Learner, first_step: int, writ
         learner.mu_opt.step()
         if (step + 1) % 1000 == 0 or step + 1 == args.mu_steps:
             metrics["mu_nll"] = loss.item()
+            if not math.isfinite(metrics["mu_nll"]):
+                raise non_finite(args, f"non-finite mu NLL at mu step {step + 1}")
             writer.add_scalar("losses/mu_nll", metrics["mu_nll"], step + 1)
             if (step + 1) % 10_000 == 0 or step + 1 == args.mu_steps:
                 print(f"mu step {step + 1}/{args.mu_steps} | nll {metrics['mu_nll']:.3f} | "
                       f"{(step + 1 - first_step) / (time.time() - start):.0f} steps/s", flush=True)
-    return metrics
+    return metrics, max(first_step, args.mu_steps)
 
 
-def train_q(args: Args, data: dict, learner: Learner, n_updates: int) -> dict:
-    """n_updates passes of Alg. 1's "while not converged" loop; returns the mean loss and Q."""
+def train_q(args: Args, data: dict, learner: Learner, n_updates: int) -> tuple[dict, int]:
+    """n_updates passes of Alg. 1's "while not converged" loop; returns the mean loss and Q,
+    and the updates done (n_updates, unless a Stop came first)."""
     num_transitions, device = len(data["reward"]), data["reward"].device
-    sums = torch.zeros(2, device=device)
+    sums, taken = torch.zeros(2, device=device), 0
     for _ in range(n_updates):
+        if Stop.signal:  # the safe point: between two gradient steps
+            break
         i = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # Alg. 1: a batch from D
         batch = {k: v[i] for k, v in data.items()}
         # Eq. 11: y = r + gamma (1 - t) max_i Ensemble(Q_target(s', a'_i)), N actions a'_i ~ mu(.|s').
@@ -351,9 +383,9 @@ def train_q(args: Args, data: dict, learner: Learner, n_updates: int) -> dict:
         with torch.no_grad():  # Alg. 1: theta_target <- ema * theta_target + (1 - ema) * theta
             for p, tp in zip(learner.q_ensemble.parameters(), learner.target_q.parameters()):
                 tp.lerp_(p, 1 - args.ema)
-        sums += torch.stack([loss.detach(), q.detach().mean()])
-    q_loss, q_mean = (sums / n_updates).tolist()
-    return {"q_loss": q_loss, "q_mean": q_mean}
+        sums, taken = sums + torch.stack([loss.detach(), q.detach().mean()]), taken + 1
+    q_loss, q_mean = (sums / max(1, taken)).tolist()
+    return {"q_loss": q_loss, "q_mean": q_mean}, taken
 
 
 # ----------------------------------------------------------------------------
@@ -396,24 +428,71 @@ def open_writer(args: Args, run_name: str) -> SummaryWriter:
     return writer
 
 
-def load_checkpoint(args: Args, learner: Learner) -> tuple[int, int]:
-    """Load --checkpoint-path into learner; return the mu steps and Q updates it had done."""
-    ckpt = torch.load(args.checkpoint_path, map_location=learner.behavior.low.device)
+def non_finite(args: Args, what: str) -> FloatingPointError:
+    """The error for a non-finite loss: it names the sensitive flags set away from their defaults."""
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE
+               if getattr(args, k) != getattr(Args(), k)]
+    return FloatingPointError(f"{what}; likely cause: {', '.join(changed) or 'none of the flags'}")
+
+
+def load_checkpoint(args: Args, learner: Learner) -> tuple[int, int, Optional[str]]:
+    """Load --checkpoint-path into learner (and, to resume, into the random streams); return the mu
+    steps and Q updates it had done and its run name. A file that does not fit this run is refused
+    with one line naming it and the mismatch."""
+    path = args.checkpoint_path
+    try:
+        ckpt = torch.load(path, map_location=learner.behavior.low.device, weights_only=False)
+    except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} (it holds a {type(ckpt).__name__})")
+    missing = [k for k in (*Learner.SAVED, "args", "mu_done", "q_done") if k not in ckpt]
+    if ckpt.get("script", SCRIPT) != SCRIPT or missing:  # (older checkpoints have no "script")
+        why = ckpt["script"] if ckpt.get("script", SCRIPT) != SCRIPT else "no " + ", ".join(missing)
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({why})")
     if ckpt["args"]["dataset_id"] != args.dataset_id:
-        raise UsageError(f"the checkpoint was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
+        raise UsageError(f"{path} was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
     for flag in ("n_bins", "num_q", "q_hidden", "mu_embed"):  # the networks' shapes
-        if ckpt["args"].get(flag, getattr(Args, flag)) != getattr(args, flag):
-            raise UsageError(f"the checkpoint has --{flag.replace('_', '-')} {ckpt['args'].get(flag)}; pass the same")
+        saved = ckpt["args"].get(flag, getattr(Args, flag))
+        if saved != getattr(args, flag):
+            raise UsageError(f"{path} has --{flag.replace('_', '-')} {saved}; pass the same")
     for k in Learner.SAVED:
-        getattr(learner, k).load_state_dict(ckpt[k])
-    return ckpt["mu_done"], ckpt["q_done"]
+        try:
+            getattr(learner, k).load_state_dict(ckpt[k])
+        except (RuntimeError, ValueError, KeyError) as e:  # networks of another shape
+            raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
+    if "rng" in ckpt and not args.eval_only:  # the random streams go on where they stopped
+        random.setstate(ckpt["rng"]["python"])
+        np_state = ckpt["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["mu_done"], ckpt["q_done"], ckpt.get("run_name")
 
 
 def save_checkpoint(args: Args, learner: Learner, run_name: str, mu_done: int, q_done: int) -> str:
+    """Write runs/<run>/<exp_name>.pt atomically (a run killed mid-write leaves the last good checkpoint)."""
     path = f"runs/{run_name}/{args.exp_name}.pt"
+    np_state = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+               torch=torch.get_rng_state())
     torch.save({k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
-        args=asdict(args), mu_done=mu_done, q_done=q_done), path)
+        script=SCRIPT, args=asdict(args), mu_done=mu_done, q_done=q_done, run_name=run_name, rng=rng), path + ".tmp")
+    os.replace(path + ".tmp", path)
     return path
+
+
+def exit_interrupted(args: Args, learner: Learner, run_name: str, mu_done: int, q_done: int) -> None:
+    """After Stop.signal: save the run as it stands and exit with the command that resumes it."""
+    path = os.path.abspath(save_checkpoint(args, learner, run_name, mu_done, q_done))
+    defaults = asdict(Args())
+    flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+             else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items()
+             if v != defaults[k] and k != "checkpoint_path"]
+    where = f"update {q_done}" if mu_done >= args.mu_steps else f"mu step {mu_done}"
+    print(f"stopped by {signal.Signals(Stop.signal).name} after {where}, saved; resume with: "
+          f"{shlex.join(['python', SCRIPT, *flags, f'--checkpoint-path={path}'])}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + Stop.signal)
 
 
 def log_evaluation(writer, metrics: dict, returns: np.ndarray, refs: Optional[tuple]) -> str:
@@ -437,14 +516,15 @@ def train(args: Args) -> dict:
     check_args(args)
     device = seed_and_device(args)
     data, env_id, refs, dataset_return = load_transitions(args.dataset_id, device)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     num_transitions, obs_dim, act_dim = len(data["reward"]), data["obs"].shape[1], data["action"].shape[1]
     # Observations are standardised with the dataset's statistics (fixed: the data is).
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0).clamp(min=1e-3)
     for k in ("obs", "next_obs"):
         data[k] = (data[k] - obs_mean) / obs_std
     learner = make_learner(args, env_id, obs_dim, act_dim, device)
-    mu_done, q_done = load_checkpoint(args, learner) if args.checkpoint_path else (0, 0)
+    # A checkpoint's run goes on: its log directory, step counters and random state.
+    mu_done, q_done, saved_name = load_checkpoint(args, learner) if args.checkpoint_path else (0, 0, None)
+    run_name = saved_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.eval_only:
         returns = evaluate(args, env_id, learner, obs_mean, obs_std, device)
         print(f"eval return {with_score(returns.mean(), refs)} +- {returns.std():.1f}")
@@ -453,20 +533,24 @@ def train(args: Args) -> dict:
     print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {num_transitions} transitions of {env_id}, dataset "
           f"return {with_score(dataset_return, refs)}; logs in runs/{run_name} ({device})")
     metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
-    writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
+    if not saved_name:  # (a resumed run has logged it)
+        writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
 
-    # 1. Alg. 1: pretrain mu on D.
-    metrics |= fit_behavior(args, data, learner, mu_done, writer)
-    mu_done = max(mu_done, args.mu_steps)
+    # 1. Alg. 1: pretrain mu on D (a resumed run goes on from the checkpoint's step).
+    mu_metrics, mu_done = fit_behavior(args, data, learner, mu_done, writer)
+    metrics |= mu_metrics
 
     # 2. Alg. 1's loop, in stretches that end at a multiple of --eval-every (or the last update).
     updates, start, eval_seconds = q_done, time.time(), 0.0
-    while updates < args.num_updates:
+    while updates < args.num_updates and not Stop.signal:
         n_updates = min(args.eval_every - updates % args.eval_every, args.num_updates - updates)
-        metrics |= train_q(args, data, learner, n_updates)
-        updates += n_updates
+        stretch, taken = train_q(args, data, learner, n_updates)
+        updates += taken
+        if taken < n_updates:  # a Stop cut the stretch short: the resumed run finishes it and logs it
+            break
+        metrics |= stretch
         if not math.isfinite(metrics["q_loss"]):
-            raise FloatingPointError(f"non-finite Q loss at update {updates}")
+            raise non_finite(args, f"non-finite Q loss at update {updates} ({metrics['q_loss']})")
         ups = (updates - q_done) / (time.time() - start - eval_seconds)  # training only
         metrics.update(updates_per_second=ups, updates=updates)
         writer.add_scalar("losses/q_loss", metrics["q_loss"], updates)
@@ -481,6 +565,8 @@ def train(args: Args) -> dict:
         if args.save_model:
             metrics["checkpoint"] = save_checkpoint(args, learner, run_name, mu_done, updates)
         print(f"{line} | {ups:.1f} updates/s", flush=True)
+    if Stop.signal:  # the run as it stands, in mu's pre-training or in the Q loop
+        exit_interrupted(args, learner, run_name, mu_done, updates)
 
     writer.close()
     print(f"done: eval return {with_score(metrics['eval_return'], refs)}, "
@@ -489,7 +575,9 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    Stop.catch_signals()
     try:
-        train(tyro.cli(Args))
+        train(cli_args)
     except UsageError as e:
         sys.exit(f"error: {e}")

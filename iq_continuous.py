@@ -20,6 +20,8 @@ import copy
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -85,15 +87,38 @@ class Args:
     capture_video: bool = False
     """record the first episode of each evaluation to videos/"""
     save_model: bool = False
-    """write a checkpoint (networks, optimiser, replay buffer) at each evaluation"""
+    """write a checkpoint (networks, targets, optimiser, replay buffer, random state) at each evaluation"""
     checkpoint_path: Optional[str] = None
-    """checkpoint to load: training resumes from it, or see --eval-only"""
+    """checkpoint to load: training resumes from it, in the same run directory, or see --eval-only"""
     eval_only: bool = False
     """only evaluate the policy of --checkpoint-path, then exit"""
 
 
+SCRIPT = "iq_continuous.py"
+# Flags that can break the numbers: a non-finite loss names those set away from their defaults.
+SENSITIVE = ("learning_rate", "tau", "alpha", "munchausen_clip", "gamma", "polyak", "policy", "residual")
+
+
 class UsageError(ValueError):
     """A mistake in the command line, reported as one line before training."""
+
+
+class Stop:
+    """From the command line, SIGINT (Ctrl-C) or SIGTERM sets Stop.signal: training stops at the next
+    safe point (after the current environment step and its gradient step), writes a checkpoint and
+    says how to resume. A second signal stops the process at once."""
+
+    signal: Optional[int] = None
+
+    @classmethod
+    def catch_signals(cls) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, cls.request)
+
+    @classmethod
+    def request(cls, signum, frame) -> None:
+        cls.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------
@@ -197,7 +222,9 @@ class MultiCategoricalPolicy(nn.Module):
         logp = self.log_probs(obs)
         if deterministic:
             return logp.argmax(-1)
-        return torch.distributions.Categorical(logits=logp).sample()
+        # Gumbel-max: argmax(ln pi + Gumbel noise) is a sample of pi. Unlike torch's Categorical it gives an
+        # index even when a diverged run's pi is NaN, so that the run reaches the loss check and its error.
+        return (logp - torch.log(-torch.log(torch.rand_like(logp)))).argmax(-1)
 
 
 class GaussianPolicy(nn.Module):
@@ -211,14 +238,16 @@ class GaussianPolicy(nn.Module):
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mean, log_std = self.net(obs).chunk(2, -1)
-        return torch.distributions.Normal(mean, log_std.clamp(-5.0, 2.0).exp())  # SAC's log-std range
+        # SAC's log-std range; no validation, so that a diverged (NaN) policy reaches the loss check.
+        return torch.distributions.Normal(mean, log_std.clamp(-5.0, 2.0).exp(), validate_args=False)
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.dist(obs).log_prob(action).sum(-1)
 
     def sample(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         d = self.dist(obs)
-        return d.mean if deterministic else d.sample()
+        # mean + std * noise, written out: a diverged policy's sample is NaN, not an error
+        return d.mean if deterministic else d.mean + d.stddev * torch.randn_like(d.mean)
 
 
 @dataclass
@@ -373,28 +402,64 @@ def open_writer(args: Args, run_name: str) -> SummaryWriter:
     return writer
 
 
-def load_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer) -> int:
-    """Load --checkpoint-path into learner (and, to resume, into buffer); return its global step."""
-    ckpt = torch.load(args.checkpoint_path, map_location=buffer.device)
-    if ckpt["args"]["env_id"] != args.env_id or ckpt["args"]["policy"] != args.policy:
-        raise UsageError(f"the checkpoint was trained on {ckpt['args']['env_id']} with a "
-                         f"{ckpt['args']['policy']} policy")
+def load_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer) -> tuple[int, Optional[str]]:
+    """Load --checkpoint-path into learner (and, to resume, into buffer and the random streams); return
+    its global step and run name. A file that does not fit this run is refused with one line naming it
+    and the mismatch."""
+    path = args.checkpoint_path
+    try:
+        ckpt = torch.load(path, map_location=buffer.device, weights_only=False)
+    except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} (it holds a {type(ckpt).__name__})")
+    missing = [k for k in (*Learner.SAVED, "args", "global_step", "buffer") if k not in ckpt]
+    if ckpt.get("script", SCRIPT) != SCRIPT or missing:  # (older checkpoints have no "script")
+        why = ckpt["script"] if ckpt.get("script", SCRIPT) != SCRIPT else "no " + ", ".join(missing)
+        raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({why})")
+    if ckpt["args"]["env_id"] != args.env_id:
+        raise UsageError(f"{path} was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+    if ckpt["args"]["policy"] != args.policy:
+        raise UsageError(f"{path} was trained with a {ckpt['args']['policy']} policy, not {args.policy}")
     for k in ("policy",) if args.eval_only else Learner.SAVED:
-        getattr(learner, k).load_state_dict(ckpt[k])
+        try:
+            getattr(learner, k).load_state_dict(ckpt[k])
+        except (RuntimeError, ValueError, KeyError) as e:  # another number of bins or network size
+            raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
     if args.eval_only:
-        return 0
+        return 0, ckpt.get("run_name")
     if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
-        raise UsageError("resume with the checkpoint's --buffer-size")
+        raise UsageError(f"{path}: resume with the checkpoint's --buffer-size {ckpt['args']['buffer_size']}")
     buffer.data, buffer.ptr, buffer.size = ckpt["buffer"], ckpt["buffer_ptr"], ckpt["buffer_size"]
-    return ckpt["global_step"]
+    if "rng" in ckpt:  # the random streams go on where they stopped
+        random.setstate(ckpt["rng"]["python"])
+        np_state = ckpt["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["global_step"], ckpt.get("run_name")
 
 
 def save_checkpoint(args: Args, learner: Learner, buffer: ReplayBuffer, run_name: str, global_step: int) -> str:
+    """Write runs/<run>/<exp_name>.pt atomically (a run killed mid-write leaves the last good checkpoint)."""
     path = f"runs/{run_name}/{args.exp_name}.pt"
+    np_state = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+               torch=torch.get_rng_state())
     torch.save({k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
-        args=asdict(args), global_step=global_step, buffer=buffer.data,
-        buffer_ptr=buffer.ptr, buffer_size=buffer.size), path)
+        script=SCRIPT, args=asdict(args), global_step=global_step, run_name=run_name, rng=rng, buffer=buffer.data,
+        buffer_ptr=buffer.ptr, buffer_size=buffer.size), path + ".tmp")
+    os.replace(path + ".tmp", path)
     return path
+
+
+def resume_command(args: Args, path: str) -> str:
+    """The command line that continues this run from the checkpoint at path."""
+    defaults = asdict(Args())
+    flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+             else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items()
+             if v != defaults[k] and k != "checkpoint_path"]
+    return shlex.join(["python", SCRIPT, *flags, f"--checkpoint-path={path}"])
 
 
 def end_of_window(args: Args, writer, learner: Learner, buffer: ReplayBuffer, metrics: dict, losses: list,
@@ -405,7 +470,10 @@ def end_of_window(args: Args, writer, learner: Learner, buffer: ReplayBuffer, me
     if losses:  # none during the random warm-up
         metrics["loss"] = torch.stack(losses).mean().item()
         if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite IQ loss at step {step}")
+            changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE
+                       if getattr(args, k) != getattr(Args(), k)]
+            raise FloatingPointError(f"non-finite IQ loss at step {step} ({metrics['loss']}); likely cause: "
+                                     f"{', '.join(changed) or 'none of the flags'}")
         writer.add_scalar("losses/iq_loss", metrics["loss"], step)
     writer.add_scalar("charts/SPS", metrics["sps"], step)
     line = f"step {step}/{args.total_timesteps}"
@@ -437,15 +505,19 @@ def train(args: Args) -> dict:
     learner = make_learner(args, obs_dim, act_dim, device)
     action_dtype = torch.long if args.policy == "multicategorical" else torch.float32  # bin indices, or actions
     buffer = ReplayBuffer(args.buffer_size, obs_dim, (act_dim,), action_dtype, device)
-    global_step = load_checkpoint(args, learner, buffer) if args.checkpoint_path else 0
+    global_step = 0
+    if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
+        global_step, saved_name = load_checkpoint(args, learner, buffer)
+        run_name = saved_name or run_name
     if args.eval_only:  # evaluate the checkpoint's policy, nothing else
         eval_returns = evaluate(args, learner.policy, device, f"videos/{run_name}" if args.capture_video else None)
         print(f"eval return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over {len(eval_returns)} episodes")
         return {"eval_return": float(eval_returns.mean()), "eval_returns": eval_returns.tolist()}
     writer = open_writer(args, run_name)
     print(f"{method_name(args)} on {args.env_id} ({device}), {args.total_timesteps} steps, logs in runs/{run_name}")
-    obs, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
+    # A resumed run starts a new episode; a new seed keeps it from repeating the run's first.
+    obs, _ = env.reset(seed=args.seed + global_step)
+    env.action_space.seed(args.seed + global_step)
     start_time, start_step, window_start = time.time(), global_step, time.time()
     metrics: dict = {"eval_return": float("nan"), "loss": float("nan")}
     losses = []
@@ -472,6 +544,13 @@ def train(args: Args) -> dict:
             print(f"{line} | {metrics['sps']} SPS ({(time.time() - window_start) / 60:.1f} min since the last line)",
                   flush=True)
             window_start = time.time()
+        # The safe point: the step's transition is stored and its update done. A window stopped part-way
+        # is logged by the resumed run, its mean loss over the updates after the resume.
+        if Stop.signal:
+            path = os.path.abspath(save_checkpoint(args, learner, buffer, run_name, global_step))
+            print(f"stopped by {signal.Signals(Stop.signal).name} after step {global_step}, saved; resume with: "
+                  f"{resume_command(args, path)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + Stop.signal)
     env.close()
     writer.close()
     print(f"done: eval return {metrics['eval_return']:.1f} at step {global_step}, "
@@ -480,7 +559,9 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    Stop.catch_signals()
     try:
-        train(tyro.cli(Args))
+        train(cli_args)
     except UsageError as e:
         sys.exit(f"error: {e}")

@@ -33,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = Path(os.environ.get("RL_BENCHMARKS_WORK") or Path.home() / ".cache" / "rl-benchmarks")
-RESUMABLE = {"qwr_continuous.py"}  # scripts that checkpoint with --save-model and resume with --checkpoint-path
+# Scripts that checkpoint with --save-model (and when stopped by a signal) to runs/<run>/<script>.pt, and resume
+# from it with --checkpoint-path in the same run directory.
+RESUMABLE = {"qwr_continuous.py", "qwr_atari.py", "awr_continuous.py", "iq_continuous.py", "emaq_offline.py"}
 
 MUJOCO = ["HalfCheetah-v4", "Walker2d-v4", "Hopper-v4", "Humanoid-v4"]
 ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v4",

@@ -1,8 +1,9 @@
 """awr_continuous.py: TD(lambda) returns over stored trajectories, advantage
 weights, the replay buffer's order, collection's true final observations, the
-normaliser (its runs and errors: test_scripts.py)."""
+normaliser; extreme settings, finite or stopped loudly (its runs and errors: test_scripts.py)."""
 
 import math
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -170,3 +171,45 @@ def test_collect_stores_the_true_final_observation_at_episode_ends():
     # Collection goes on from the reset states, and reports each ended episode (return, length).
     assert last_obs[:, 0].tolist() == [301, 1202]
     assert episodes == [(6.0, 3), (10.0, 4), (6.0, 3), (10.0, 4), (6.0, 3)]
+
+
+# ------------------------------------------------------------ extreme settings: finite, or a loud stop
+
+
+def updates_on_tiny_data(args: awr.Args) -> dict:
+    """Five critic and five actor steps on 64 random stored steps of large rewards; the metrics
+    and the largest advantage weight."""
+    torch.manual_seed(0)
+    buf = awr.ReplayBuffer(64, 1, 3, 2, "cpu")
+    buf.add(dict(obs=torch.randn(64, 1, 3) * 10, next_obs=torch.randn(64, 1, 3) * 10, action=torch.randn(64, 1, 2),
+                 reward=torch.randn(64, 1) * 100, terminated=torch.rand(64, 1) < 0.1,
+                 episode_end=torch.rand(64, 1) < 0.2))
+    learner = awr.make_learner(args, 3, 2, "cpu", args.actor_lr or 5e-5, args.action_std or 0.4)
+    learner.obs_norm.update(buf.data["obs"])
+    states, _, _, returns = awr.buffer_returns(args, buf, learner)
+    metrics = awr.train_critic(args, learner, states, returns, 5)
+    states, actions, values, returns = awr.buffer_returns(args, buf, learner)
+    weights = awr.advantage_weights(returns - values, args.beta, args.max_weight)
+    return metrics | awr.train_actor(args, learner, states, actions, weights, 5) | {"max_weight": weights.max().item()}
+
+
+@pytest.mark.parametrize("flags", [dict(beta=1e-6), dict(max_weight=1e6), dict(gamma=0.9999), dict(critic_lr=1.0)])
+def test_extreme_settings_keep_every_loss_finite(flags):
+    metrics = updates_on_tiny_data(awr.Args(batch_size=16, **flags))
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["max_weight"] <= max(20.0, flags.get("max_weight", 0)) * (1 + 1e-6)  # (the clip, in float32)
+
+
+# Under SGD (the authors' optimiser) a step scales with the loss: weights of 1e6 (a tiny beta AND a huge
+# clip) or log-likelihood gradients (a - mean) / std^2 of a tiny std make the policy diverge in a few steps.
+@pytest.mark.parametrize("flags, cause", [
+    (dict(beta=1e-6, max_weight=1e6), "--beta 1e-06, --max-weight 1000000.0"),
+    (dict(action_std=1e-3), "--action-std 0.001"),
+    (dict(critic_lr=1e30), "--critic-lr 1e+30"),
+])
+def test_settings_that_diverge_stop_the_run_naming_the_flags(flags, cause, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = awr.Args(env_id="Hopper-v4", total_timesteps=100, samples_per_iteration=100, critic_steps=8,
+                    actor_steps=8, batch_size=32, buffer_size=1000, eval_episodes=0, cuda=False, **flags)
+    with pytest.raises(FloatingPointError, match=r"non-finite losses at step 100 .*likely cause: " + re.escape(cause)):
+        awr.train(args)

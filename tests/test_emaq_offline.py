@@ -1,5 +1,6 @@
 """emaq_offline.py: the autoregressive behaviour model's likelihood and sampling,
-the ensemble's target, and a run from a Minari dataset made by qwr_continuous.py."""
+the ensemble's target, a run from a Minari dataset made by qwr_continuous.py, and
+extreme settings, finite or stopped loudly."""
 
 import math
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 import emaq_offline as emaq
-import qwr_continuous as qwr
 
 LOW, HIGH = np.array([-1.0, 0.0]), np.array([1.0, 4.0])
 
@@ -154,12 +154,9 @@ def test_sampling_conditions_each_dimension_on_the_earlier_ones_drawn_for_the_sa
     assert torch.equal(forced[..., 1:], bins[..., 1:]), "sampling and the teacher-forced logits disagree"
 
 
-def test_a_run_from_a_dataset_made_by_qwr(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])  # (conftest.py: 200 steps of qwr_continuous.py)
     monkeypatch.chdir(tmp_path)
-    qwr.train(qwr.Args(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=2,
-                       actor_steps=2, batch_size=32, eval_episodes=0, cuda=False, compile=False,
-                       save_dataset="local/hopper/tiny-v0"))
     args = emaq.Args(dataset_id="local/hopper/tiny-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
                      n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, save_model=True)
     m = emaq.train(args)
@@ -171,3 +168,42 @@ def test_a_run_from_a_dataset_made_by_qwr(tmp_path, monkeypatch):
         emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], q_hidden=64)))
     with pytest.raises(emaq.UsageError, match="found: local/hopper/tiny-v0"):
         emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", cuda=False))
+
+
+# ------------------------------------------------------------ extreme settings: finite, or a loud stop
+
+
+class NoWriter:
+    def add_scalar(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("flags", [dict(ensemble_lambda=0.0), dict(ensemble_lambda=1.0), dict(n_samples=1),
+                                   dict(n_samples=64), dict(ema=0.0), dict(gamma=0.999), dict(n_bins=2),
+                                   dict(n_bins=400), dict(mu_lr=1.0), dict(q_lr=1.0)])
+def test_extreme_settings_keep_every_loss_finite(flags):
+    torch.manual_seed(0)
+    args = emaq.Args(batch_size=16, num_q=2, q_hidden=32, mu_embed=32, mu_steps=5, **flags)
+    learner = emaq.make_learner(args, "Hopper-v4", 3, 3, "cpu")  # actions in [-1, 1]^3
+    with torch.no_grad():  # mu deems the first bin of each dimension all but impossible: ln p about -1000
+        learner.behavior.heads[-1].bias[:, 0, 0] = -1e3
+    action = torch.rand(64, 3) * 2 - 1
+    action[:8], action[8:16] = -1.0, 1.0  # on the bounds: in the first bin, and in the last
+    data = dict(obs=torch.randn(64, 3) * 10, next_obs=torch.randn(64, 3) * 10, action=action,
+                reward=torch.randn(64) * 100, terminated=torch.rand(64) < 0.1)
+    metrics, _ = emaq.fit_behavior(args, data, learner, 0, NoWriter())
+    q_metrics, _ = emaq.train_q(args, data, learner, 5)
+    assert all(math.isfinite(v) for v in (metrics | q_metrics).values()), metrics | q_metrics
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(mu_lr=1e30), r"non-finite mu NLL at mu step 5; likely cause: --mu-lr 1e\+30"),
+    (dict(q_lr=1e30), r"non-finite Q loss at update 10 .*likely cause: --q-lr 1e\+30"),
+])
+def test_a_non_finite_loss_stops_the_run_naming_the_flag(flags, message, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
+    monkeypatch.chdir(tmp_path)
+    args = emaq.Args(dataset_id=tiny_dataset[1], mu_steps=5, num_updates=10, eval_every=10, eval_episodes=0,
+                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, **flags)
+    with pytest.raises(FloatingPointError, match=message):
+        emaq.train(args)

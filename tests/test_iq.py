@@ -1,10 +1,11 @@
 """IQ / M-IQ: Theorem 1 of iq.md (IQ-DP is MD-VI) and its corollaries, exactly
 on small random MDPs; the implicit Q-value of the multicategorical policy; the
-loss of Eq. (2) on a hand-made batch (iq_continuous.py's runs and errors:
-test_scripts.py)."""
+loss of Eq. (2) on a hand-made batch; extreme settings, finite or stopped
+loudly (iq_continuous.py's runs and errors: test_scripts.py)."""
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -197,3 +198,41 @@ def test_bin_centres_span_the_action_bounds():
     low, high = np.array([-1.0, -0.4]), np.array([1.0, 0.4])
     centres = iq.to_env_action(torch.tensor([[0, 0], [5, 5], [10, 10]]), "multicategorical", low, high, 11)
     np.testing.assert_allclose(centres, [[-1.0, -0.4], [0.0, 0.0], [1.0, 0.4]])
+
+
+# ------------------------------------------------------------ extreme settings: finite, or a loud stop
+
+
+@pytest.mark.parametrize("policy", ["multicategorical", "gaussian"])
+@pytest.mark.parametrize("flags", [dict(tau=1e-6), dict(tau=1e6), dict(alpha=0.0), dict(alpha=1.0),
+                                   dict(munchausen_clip=-math.inf),
+                                   dict(tau=1e6, alpha=1.0, munchausen_clip=-math.inf)])
+def test_extreme_settings_keep_every_loss_finite(policy, flags):
+    torch.manual_seed(0)
+    args = iq.Args(policy=policy, batch_size=16, **flags)
+    learner = iq.make_learner(args, 3, 2, "cpu")
+    multicategorical = policy == "multicategorical"
+    with torch.no_grad():  # pi and pi_bar deem some actions all but impossible: their ln pi is about -1000
+        for net in (learner.policy.net, learner.target_policy.net):
+            if multicategorical:
+                net[-1].bias.view(2, -1)[:, 0] = -1e3  # the first bin of each dimension
+            else:
+                net[-1].bias[2:] = -1e3  # the log-std (clamped to SAC's range, -5)
+    buf = iq.ReplayBuffer(64, 3, (2,), torch.long if multicategorical else torch.float32, "cpu")
+    for _ in range(64):
+        buf.add(obs=torch.randn(3) * 10, next_obs=torch.randn(3) * 10, reward=torch.randn(()) * 100,
+                action=torch.randint(0, args.n_bins, (2,)) if multicategorical else torch.rand(2) * 2 - 1,
+                terminated=bool(torch.rand(()) < 0.1))
+    losses = torch.stack([iq.update(args, learner, buf.sample(16)) for _ in range(5)])
+    assert torch.isfinite(losses).all(), losses
+
+
+@pytest.mark.parametrize("policy", ["multicategorical", "gaussian"])
+def test_a_non_finite_loss_stops_the_run_naming_the_flag(policy, tmp_path, monkeypatch):
+    # Diverged after its first update, the policy goes on acting (NaN) until the window's loss check.
+    monkeypatch.chdir(tmp_path)
+    args = iq.Args(env_id="Hopper-v4", total_timesteps=120, learning_starts=100, eval_every=120, batch_size=32,
+                   buffer_size=1000, eval_episodes=0, learning_rate=1e30, policy=policy, cuda=False)
+    cause = "--learning-rate 1e+30" + (", --policy gaussian" if policy == "gaussian" else "")
+    with pytest.raises(FloatingPointError, match=r"non-finite IQ loss at step 120 .*likely cause: " + re.escape(cause)):
+        iq.train(args)
