@@ -15,8 +15,6 @@ the README's block for that device.
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -102,15 +100,11 @@ NOT_YET = ("qwr_atari.py", "awr_continuous.py", "iq_continuous.py", "emaq_offlin
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from run import machine as cores_and_gpu  # benchmarks/run.py's description of this machine
+
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (GPU)"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads"
+    return f"{cores_and_gpu()}, {torch.get_num_threads()} torch threads"
 
 
 def table(results: list[dict], limit: float, device: torch.device) -> str:
