@@ -130,3 +130,17 @@ def test_adopt_marks_a_hand_made_run_done_in_its_own_table_only(tmp_path, monkey
     # QWR-LSE on Hopper is in Table 3 too, but at 1M steps: a 100K run is not done there.
     assert [p.name for p in (tmp_path / "results" / "done").iterdir()] == ["qwr-table1__QWR-LSE__Hopper-v4__2.json"]
     assert [p.name for p in (tmp_path / "results" / "runs").iterdir()] == ["Hopper-v4__qwr_continuous__2__1"]
+
+
+def test_speed_table_gives_the_speed_up_and_the_share_of_the_machine():
+    import torch
+
+    from benchmarks import speed
+
+    # 1 GFLOP per critic + actor step; 10 ms eager and 5 ms compiled per pair; 1 s of collection, 1000 pairs.
+    r = dict(script="x.py", task="T", flops=1e9, step={"eager": 0.010, "compiled": 0.005}, compile_seconds=7,
+             iteration={"eager": 11.0, "compiled": 6.0})
+    text = speed.table([r], limit=400e9, device=torch.device("cpu"))
+    # 1e9 FLOP / 0.010 s = 100 GFLOP/s = 25% of 400; compiled 50%. 2 updates per 5 ms = 400 per second.
+    assert "| x.py | T | cpu | 11.0 | 6.0 | 1.83x | 400 | 0.50 | 25% / 50% | 7 s |" in text
+    assert speed.matmul_limit(torch.device("cpu"), n=64, repeats=1) > 0
