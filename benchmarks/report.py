@@ -288,7 +288,7 @@ def report(prefix: str) -> str:
                 lines.append(table_row(grid, method, env, grid_runs, paper))
             if grid in REFERENCE_GRIDS:
                 for policy, value in reference_returns(env).items():
-                    lines.append(f"| {policy} (10 episodes) | {env} | {value:.0f} | | | | | | | |")
+                    lines.append(f"| {policy} (10 episodes) | {env} | {round(value)} | | | | | | | |")
         png = f"{grid}.png"
         plot_grid(grid, grid_runs, RESULTS / png, paper)
         lines += ["", f"![{grid} learning curves]({prefix}{png})", ""]
