@@ -179,9 +179,10 @@ def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path, run = str(ROOT / script), INTERRUPTIBLE[script]
-    env = None
+    # One thread: tiny networks gain nothing from more, and a busy machine slows a spinning second thread a lot.
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
     if script == "emaq_offline.py":  # it reads the tiny_dataset fixture's data
-        env = os.environ | {"MINARI_DATASETS_PATH": request.getfixturevalue("tiny_dataset")[0]}
+        env |= {"MINARI_DATASETS_PATH": request.getfixturevalue("tiny_dataset")[0]}
     proc = subprocess.Popen([sys.executable, path, *run.flags], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # stop it in its second iteration, window or stretch
