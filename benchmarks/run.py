@@ -11,14 +11,17 @@ A finished run's logs are copied into benchmarks/results/ (runs/, logs/), and
 a marker in results/done/ records its command, wall time, date and machine.
 A grid survives the end of a session: runs with a marker are skipped, and a
 run that was stopped part-way continues from its last checkpoint in the same
-log directory the next time the grid is run (on the same machine). As many
-runs go at once as --jobs says (default: one per CPU core), each with
+log directory the next time the grid is run (on the same machine). Two
+run.py may work on one grid at once (say, one per --envs): a lock in each
+run's work directory keeps a run to one of them. As many runs go at once as
+--jobs says (default: one per CPU core), each with
 cores / jobs torch threads. benchmarks/report.py turns the results into
 tables and plots.
 """
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -29,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -120,11 +124,19 @@ def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
 STARTING = threading.Lock()
 
 
-def launch(run: dict, threads: int) -> tuple[str, int, float]:
+def launch(run: dict, threads: int) -> tuple[str, Optional[int], float]:
     """Run one benchmark to completion in its work directory, resuming it if it has a checkpoint;
-    then copy its logs into benchmarks/results and write its marker."""
+    then copy its logs into benchmarks/results and write its marker. A run that another run.py
+    holds (its work directory's lock), or that has finished meanwhile, is skipped: rc None."""
     work = WORK / run["key"]
     work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / "lock", "w")  # held until this process lets go of it (or dies)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return run["key"], None, 0.0
+    if (RESULTS / "done" / f"{run['key']}.json").is_file():
+        return run["key"], None, 0.0
     args = list(run["args"])
     checkpoints = sorted(work.glob("runs/*/*.pt"))
     if run["script"] == "bitflip.py":
@@ -151,7 +163,8 @@ def launch(run: dict, threads: int) -> tuple[str, int, float]:
     wall = time.time() - start
     if rc == 0:
         # Everything the run wrote but its checkpoints (TensorBoard logs, the BitFlip sweep's files).
-        shutil.copytree(work, RESULTS, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt", "*.tmp", "stdout.log"))
+        shutil.copytree(work, RESULTS, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.pt", "*.tmp", "stdout.log", "lock"))
         shutil.copy2(work / "stdout.log", RESULTS / "logs" / f"{run['key']}.log")
         marker = dict(command=" ".join(["python", run["script"], *run["args"]]), wall_seconds=round(wall, 1),
                       finished=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
@@ -227,8 +240,9 @@ def main() -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for future in as_completed([pool.submit(launch, r, threads) for r in todo]):
             key, rc, wall = future.result()
-            failed += rc != 0
-            print(f"{'ok' if rc == 0 else f'FAILED ({rc})'}  {key}  {wall / 60:.1f} min", flush=True)
+            failed += rc not in (0, None)
+            status = "skipped (another run.py runs it, or finished it)" if rc is None else "ok" if rc == 0 else f"FAILED ({rc})"
+            print(f"{status}  {key}  {wall / 60:.1f} min", flush=True)
     if failed:
         sys.exit(f"{failed} runs failed; see their logs in {RESULTS / 'logs'}")
 

@@ -144,3 +144,18 @@ def test_speed_table_gives_the_speed_up_and_the_share_of_the_machine():
     # 1e9 FLOP / 0.010 s = 100 GFLOP/s = 25% of 400; compiled 50%. 2 updates per 5 ms = 400 per second.
     assert "| x.py | T | cpu | 11.0 | 6.0 | 1.83x | 400 | 0.50 | 25% / 50% | 7 s |" in text
     assert speed.matmul_limit(torch.device("cpu"), n=64, repeats=1) > 0
+
+
+def test_two_run_py_never_run_the_same_run(tmp_path, monkeypatch):
+    # Like the scripts, the fake makes its log directory, then works for a while.
+    (tmp_path / "fake.py").write_text("import os, time\nos.makedirs('runs/fake__1')\ntime.sleep(3)\n")
+    for sub in ("runs", "logs", "done"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr(run, "WORK", tmp_path / "work")
+    same = dict(key="k", script="fake.py", args=[])
+    with ThreadPoolExecutor(2) as pool:  # as two run.py processes would, each holding the run's lock in turn
+        codes = sorted(pool.map(lambda r: run.launch(r, 1)[1], [same, same]), key=str)
+    assert codes == [0, None]  # one ran it, the other skipped it
+    assert run.launch(same, 1)[1] is None  # and once it is done, nobody runs it again
