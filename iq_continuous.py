@@ -45,6 +45,8 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the replay buffer and all updates live there)"""
+    compile: bool = True
+    """torch.compile the gradient step (eager where this machine cannot compile)"""
     env_id: str = "HalfCheetah-v4"
     """gymnasium id of an environment with a continuous (Box) action space"""
     total_timesteps: int = 1_000_000
@@ -338,6 +340,22 @@ def update(args: Args, learner: Learner, batch: dict) -> torch.Tensor:
     return loss.detach()
 
 
+def compiled(fn, args: Args, device: torch.device):
+    """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
+    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
+    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    if not args.compile:
+        return fn
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except Exception as e:
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+              "running eager")
+        return fn
+    torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
+    return torch.compile(fn)
+
+
 # ----------------------------------------------------------------------------
 # Around the loop: the command line, seeds, logs, checkpoints, evaluation
 # ----------------------------------------------------------------------------
@@ -514,6 +532,7 @@ def train(args: Args) -> dict:
         print(f"eval return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over {len(eval_returns)} episodes")
         return {"eval_return": float(eval_returns.mean()), "eval_returns": eval_returns.tolist()}
     writer = open_writer(args, run_name)
+    update_step = compiled(update, args, device)
     print(f"{method_name(args)} on {args.env_id} ({device}), {args.total_timesteps} steps, logs in runs/{run_name}")
     # A resumed run starts a new episode; a new seed keeps it from repeating the run's first.
     obs, _ = env.reset(seed=args.seed + global_step)
@@ -536,7 +555,7 @@ def train(args: Args) -> dict:
             metrics["episodic_return"] = float(info["episode"]["r"])
             obs, _ = env.reset()
         if global_step >= args.learning_starts:  # Section 6: an update at each interaction
-            losses.append(update(args, learner, buffer.sample(args.batch_size)))
+            losses.append(update_step(args, learner, buffer.sample(args.batch_size)))
         if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
             metrics.update(global_step=global_step, sps=int((global_step - start_step) / (time.time() - start_time)))
             line = end_of_window(args, writer, learner, buffer, metrics, losses, run_name)

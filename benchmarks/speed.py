@@ -47,6 +47,19 @@ def matmul_limit(device: torch.device, n: int = 2048, repeats: int = 5) -> float
     return 2 * n**3 / best
 
 
+def time_modes(modes: dict, run, device: torch.device, rounds: int, steps: int) -> dict:
+    """Median seconds per step of run(fns, steps) for each mode's fns, the modes in alternating rounds."""
+    per_step = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode, fns in modes.items():
+            sync(device)
+            start = time.perf_counter()
+            run(fns, steps)
+            sync(device)
+            per_step[mode].append((time.perf_counter() - start) / steps)
+    return {mode: statistics.median(v) for mode, v in per_step.items()}
+
+
 def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     """qwr_continuous.py on Walker2d-v4 at its defaults: 1000 env steps, 1000 critic and 1000 actor steps."""
     import qwr_continuous as qwr
@@ -80,23 +93,55 @@ def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     updates(*fast, 3)  # compiles both
     compile_seconds = time.perf_counter() - start
     modes = {"eager": (qwr.critic_step, qwr.actor_step), "compiled": fast}
-    per_step = {mode: [] for mode in modes}  # seconds per (critic step + actor step)
-    for _ in range(rounds):
-        for mode, fns in modes.items():
-            sync(device)
-            start = time.perf_counter()
-            updates(*fns, steps)
-            sync(device)
-            per_step[mode].append((time.perf_counter() - start) / steps)
-    step = {mode: statistics.median(v) for mode, v in per_step.items()}
+    step = time_modes(modes, lambda fns, n: updates(*fns, n), device, rounds, steps)  # a critic + an actor step
     collect = statistics.median(collect_seconds)
-    return dict(script="qwr_continuous.py", task="Walker2d-v4", steps=args.critic_steps, flops=flops,
-                collect=collect, step=step, compile_seconds=compile_seconds,
-                iteration={m: collect + args.critic_steps * s for m, s in step.items()})
+    return dict(script="qwr_continuous.py", task="Walker2d-v4", flops=flops, updates_per_step=2, step=step,
+                compile_seconds=compile_seconds, iteration={m: collect + args.critic_steps * s for m, s in step.items()})
 
 
-BENCHES = {"qwr_continuous.py": bench_qwr_continuous}
-NOT_YET = ("qwr_atari.py", "awr_continuous.py", "iq_continuous.py", "emaq_offline.py")  # no --compile yet
+def bench_iq_continuous(device: torch.device, rounds: int, steps: int) -> dict:
+    """iq_continuous.py on HalfCheetah-v4 (M-IQ, multicategorical) at its defaults: an iteration is
+    1000 environment steps, each followed by one gradient step (Section 6)."""
+    import iq_continuous as iq
+
+    args = iq.Args(env_id="HalfCheetah-v4")
+    env = iq.make_env(args.env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    learner = iq.make_learner(args, obs_dim, act_dim, device)
+    buffer = iq.ReplayBuffer(10_000, obs_dim, (act_dim,), torch.long, device)
+    low, high = env.action_space.low, env.action_space.high
+    obs, _ = env.reset(seed=0)
+    start = time.perf_counter()
+    for i in range(2000):  # the policy acting: the environment's share of an iteration (the second half timed)
+        if i == 1000:
+            start = time.perf_counter()
+        action = iq.choose_action(args, learner.policy, env, obs, False, device)
+        next_obs, reward, terminated, truncated, _ = env.step(iq.to_env_action(action, args.policy, low, high,
+                                                                                args.n_bins))
+        buffer.add(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    act_seconds = time.perf_counter() - start
+    env.close()
+    with FlopCounterMode(display=False) as counter:
+        iq.update(args, learner, buffer.sample(args.batch_size))
+    start = time.perf_counter()
+    fast = iq.compiled(iq.update, args, device)
+    for _ in range(3):
+        fast(args, learner, buffer.sample(args.batch_size))
+    compile_seconds = time.perf_counter() - start
+
+    def updates(fn, n: int) -> None:
+        for _ in range(n):
+            fn(args, learner, buffer.sample(args.batch_size))
+
+    step = time_modes({"eager": iq.update, "compiled": fast}, updates, device, rounds, steps)
+    return dict(script="iq_continuous.py", task="HalfCheetah-v4", flops=counter.get_total_flops(),
+                updates_per_step=1, step=step, compile_seconds=compile_seconds,
+                iteration={m: act_seconds + 1000 * s for m, s in step.items()})
+
+
+BENCHES = {"qwr_continuous.py": bench_qwr_continuous, "iq_continuous.py": bench_iq_continuous}
+NOT_YET = ("qwr_atari.py", "awr_continuous.py", "emaq_offline.py")  # no --compile yet
 
 
 def machine(device: torch.device) -> str:
@@ -118,11 +163,13 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
         lines.append(
             f"| {r['script']} | {r['task']} | {device.type} | {r['iteration']['eager']:.1f} | "
             f"{r['iteration']['compiled']:.1f} | {r['iteration']['eager'] / r['iteration']['compiled']:.2f}x | "
-            f"{2 / r['step']['compiled']:.0f} | {r['flops'] / 2e9:.2f} | {share['eager']:.0%} / {share['compiled']:.0%} | "
+            f"{r['updates_per_step'] / r['step']['compiled']:.0f} | {r['flops'] / r['updates_per_step'] / 1e9:.2f} | "
+            f"{share['eager']:.0%} / {share['compiled']:.0%} | "
             f"{r['compile_seconds']:.0f} s |")
-    lines += ["", "An iteration is what `train` does between two logging lines, evaluation not included: "
-              "collecting its environment steps, then its critic and actor steps; an update is one critic or one "
-              "actor step. Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
+    lines += ["", "An iteration, evaluation not included: for qwr_continuous.py what `train` does between two "
+              "logging lines (1000 environment steps, then 1000 critic and 1000 actor steps), an update being one "
+              "critic or one actor step; for iq_continuous.py 1000 environment steps, each followed by its "
+              "update. Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
     return "\n".join(lines)
 
 

@@ -138,8 +138,8 @@ def test_speed_table_gives_the_speed_up_and_the_share_of_the_machine():
     from benchmarks import speed
 
     # 1 GFLOP per critic + actor step; 10 ms eager and 5 ms compiled per pair; 1 s of collection, 1000 pairs.
-    r = dict(script="x.py", task="T", flops=1e9, step={"eager": 0.010, "compiled": 0.005}, compile_seconds=7,
-             iteration={"eager": 11.0, "compiled": 6.0})
+    r = dict(script="x.py", task="T", flops=1e9, updates_per_step=2, step={"eager": 0.010, "compiled": 0.005},
+             compile_seconds=7, iteration={"eager": 11.0, "compiled": 6.0})
     text = speed.table([r], limit=400e9, device=torch.device("cpu"))
     # 1e9 FLOP / 0.010 s = 100 GFLOP/s = 25% of 400; compiled 50%. 2 updates per 5 ms = 400 per second.
     assert "| x.py | T | cpu | 11.0 | 6.0 | 1.83x | 400 | 0.50 | 25% / 50% | 7 s |" in text

@@ -6,6 +6,7 @@ loudly (iq_continuous.py's runs and errors: test_scripts.py)."""
 import copy
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -232,7 +233,30 @@ def test_a_non_finite_loss_stops_the_run_naming_the_flag(policy, tmp_path, monke
     # Diverged after its first update, the policy goes on acting (NaN) until the window's loss check.
     monkeypatch.chdir(tmp_path)
     args = iq.Args(env_id="Hopper-v4", total_timesteps=120, learning_starts=100, eval_every=120, batch_size=32,
-                   buffer_size=1000, eval_episodes=0, learning_rate=1e30, policy=policy, cuda=False)
+                   buffer_size=1000, eval_episodes=0, learning_rate=1e30, policy=policy, cuda=False, compile=False)
     cause = "--learning-rate 1e+30" + (", --policy gaussian" if policy == "gaussian" else "")
     with pytest.raises(FloatingPointError, match=r"non-finite IQ loss at step 120 .*likely cause: " + re.escape(cause)):
         iq.train(args)
+
+
+@pytest.mark.parametrize("policy", ["multicategorical", "gaussian"])
+def test_compiled_update_gives_the_eager_losses(policy):
+    # Four gradient steps (and Polyak updates) from the same seed and batches, eager and through
+    # torch.compile (the default, --compile): equal to float32 rounding, not bit for bit.
+    args = iq.Args(policy=policy, batch_size=16)
+    multicategorical = policy == "multicategorical"
+    torch.manual_seed(0)
+    buf = iq.ReplayBuffer(64, 3, (2,), torch.long if multicategorical else torch.float32, "cpu")
+    for _ in range(64):
+        buf.add(obs=torch.randn(3), next_obs=torch.randn(3), reward=torch.randn(()),
+                action=torch.randint(0, args.n_bins, (2,)) if multicategorical else torch.rand(2) * 2 - 1,
+                terminated=bool(torch.rand(()) < 0.1))
+    losses = []
+    for compile_ in (False, True):
+        torch.manual_seed(1)
+        learner = iq.make_learner(args, 3, 2, "cpu")
+        step = iq.compiled(iq.update, replace(args, compile=compile_), torch.device("cpu"))
+        assert (step is iq.update) != compile_
+        torch.manual_seed(2)  # the same batches
+        losses.append(torch.stack([step(args, learner, buf.sample(16)) for _ in range(4)]))
+    assert torch.allclose(losses[1], losses[0], rtol=1e-4, atol=1e-6), losses

@@ -44,10 +44,12 @@ TINY = {
     "awr": Tiny(awr_continuous, dict(total_timesteps=250, samples_per_iteration=100, critic_steps=8, actor_steps=8,
                                      eval_every=1), resume_to=350,
                 finite=("critic_loss", "actor_loss", "value_mean", "return_mean", "eval_return", "sps")),
-    "iq": Tiny(iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150), resume_to=450,
+    "iq": Tiny(iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150, compile=False),
+               resume_to=450,
                finite=("loss", "eval_return", "sps")),
     "iq-gaussian": Tiny(iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150,
-                                            policy="gaussian"), resume_to=450, finite=("loss", "eval_return", "sps")),
+                                            policy="gaussian", compile=False), resume_to=450,
+                        finite=("loss", "eval_return", "sps")),
 }
 
 
@@ -163,7 +165,7 @@ INTERRUPTIBLE = {
          "--actor-steps", "300", "--eval-every", "4"], "iter 1/", "iteration", "charts/SPS", EVERY_100, [400]),
     # One update per environment step after 100 random ones, evaluated at the end of each window.
     "iq_continuous.py": Interruptible(
-        [*HOPPER, "--total-timesteps", "400", "--learning-starts", "100", "--eval-every", "100"],
+        [*HOPPER, "--total-timesteps", "400", "--learning-starts", "100", "--eval-every", "100", "--no-compile"],
         "step 100/", "step", "charts/SPS", EVERY_100, EVERY_100),
     # 30 steps of mu, then 400 Q updates evaluated every 100, on the tiny_dataset fixture's data.
     "emaq_offline.py": Interruptible(
