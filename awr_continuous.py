@@ -45,6 +45,8 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the replay buffer and all updates live there)"""
+    compile: bool = True
+    """torch.compile the critic and actor gradient steps (eager where this machine cannot compile)"""
     env_id: str = "Walker2d-v4"
     """gymnasium id of an environment with a continuous (Box) action space"""
     total_timesteps: int = 100_000
@@ -423,43 +425,74 @@ def buffer_returns(args: Args, buffer: ReplayBuffer, learner: Learner):
     return tuple(x.flatten(0, 1) for x in (d["obs"], d["action"], values, returns))
 
 
-def train_critic(args: Args, learner: Learner, states: torch.Tensor, returns: torch.Tensor, n_steps: int) -> dict:
-    """Alg. 1 l.6-9: n_steps regressions of V(s) on the fixed TD(lambda) returns (fewer after a Stop)."""
+def critic_step(args: Args, learner: Learner, states: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """One regression step of V(s) on the fixed TD(lambda) returns (Alg. 1 l.7-8); returns the loss."""
+    i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.7: s ~ D
+    v = learner.critic(learner.obs_norm(states[i]))
+    # Alg. 1 l.8: a step on ||R - V(s)||^2, in the network's own units, with the authors' factor 1/2.
+    loss = 0.5 * ((v - returns[i]) / learner.critic.out_scale).pow(2).mean()
+    learner.critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.critic_opt.step()
+    return loss.detach()
+
+
+def train_critic(args: Args, learner: Learner, states: torch.Tensor, returns: torch.Tensor, n_steps: int,
+                 step=critic_step) -> dict:
+    """Alg. 1 l.6-9: n_steps regressions of V(s) (fewer after a Stop); `step` is critic_step or its
+    compiled twin."""
     sums, taken = torch.zeros(1, device=states.device), 0
     for _ in range(n_steps):
         if Stop.signal:  # the safe point: between two gradient steps
             break
-        i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.7: s ~ D
-        v = learner.critic(learner.obs_norm(states[i]))
-        # Alg. 1 l.8: a step on ||R - V(s)||^2, in the network's own units, with the authors' factor 1/2.
-        loss = 0.5 * ((v - returns[i]) / learner.critic.out_scale).pow(2).mean()
-        learner.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        learner.critic_opt.step()
-        sums, taken = sums + loss.detach(), taken + 1
+        sums, taken = sums + step(args, learner, states, returns), taken + 1
     return {"critic_loss": (sums / max(1, taken)).item()}
 
 
+def actor_step(args: Args, learner: Learner, states: torch.Tensor, actions: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:
+    """One step of weighted maximum likelihood (Alg. 1 l.11-13, Eq. 10); returns the loss."""
+    i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.11: (s, a) ~ D
+    mean = learner.actor(learner.obs_norm(states[i]))
+    # log N(a; mean, std), written out: a non-finite mean reaches the loss check (no distribution validation).
+    z = (actions[i] - mean) / learner.action_std
+    log_prob = (-0.5 * z.pow(2) - math.log(learner.action_std * math.sqrt(2 * math.pi))).sum(-1)
+    # Alg. 1 l.13: ascend xi log pi(a|s).
+    loss = -(weights[i] * log_prob).mean() + args.action_bound_weight * action_bound_loss(mean)
+    learner.actor_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.actor_opt.step()
+    return loss.detach()
+
+
 def train_actor(args: Args, learner: Learner, states: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor,
-                n_steps: int) -> dict:
+                n_steps: int, step=actor_step) -> dict:
     """Alg. 1 l.10-14 (Eq. 10): n_steps of weighted maximum likelihood of the stored
-    actions (in the policy's units) with the weights xi, plus the authors' action-bound penalty (fewer after a Stop)."""
+    actions (in the policy's units) with the weights xi, plus the authors' action-bound penalty
+    (fewer after a Stop); `step` is actor_step or its compiled twin."""
     sums, taken = torch.zeros(1, device=states.device), 0
     for _ in range(n_steps):
         if Stop.signal:
             break
-        i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.11: (s, a) ~ D
-        mean = learner.actor(learner.obs_norm(states[i]))
-        # log N(a; mean, std), written out: a non-finite mean reaches the loss check (no distribution validation).
-        z = (actions[i] - mean) / learner.action_std
-        log_prob = (-0.5 * z.pow(2) - math.log(learner.action_std * math.sqrt(2 * math.pi))).sum(-1)
-        # Alg. 1 l.13: ascend xi log pi(a|s).
-        loss = -(weights[i] * log_prob).mean() + args.action_bound_weight * action_bound_loss(mean)
-        learner.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        learner.actor_opt.step()
-        sums, taken = sums + loss.detach(), taken + 1
+        sums, taken = sums + step(args, learner, states, actions, weights), taken + 1
     return {"actor_loss": (sums / max(1, taken)).item()}
+
+
+def compiled(fn, args: Args, device: torch.device):
+    """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
+    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
+    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU. The replay
+    buffer grows for the first iterations, so the steps compile again once, for any size."""
+    if not args.compile:
+        return fn
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except Exception as e:
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+              "running eager")
+        return fn
+    torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
+    return torch.compile(fn)
 
 
 # ----------------------------------------------------------------------------
@@ -656,6 +689,7 @@ def train(args: Args) -> dict:
     iteration = global_step // args.samples_per_iteration
     # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
     obs, _ = envs.reset(seed=args.seed + iteration)
+    critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
     start_time, start_step = time.time(), global_step
     metrics: dict = {"eval_return": float("nan")}
     while global_step < args.total_timesteps:  # Alg. 1 l.4
@@ -677,13 +711,13 @@ def train(args: Args) -> dict:
         critic_steps, actor_steps = (math.ceil(steps * fraction) for steps in (args.critic_steps, args.actor_steps))
         # Alg. 1 l.6-9: V regresses on returns R computed with the previous iteration's V, fixed meanwhile ...
         states, _, _, returns = buffer_returns(args, buffer, learner)
-        metrics |= train_critic(args, learner, states, returns, critic_steps)
+        metrics |= train_critic(args, learner, states, returns, critic_steps, critic_update)
         # ... then the advantages use the new V, as the authors' code recomputes them.
         states, actions, values, returns = buffer_returns(args, buffer, learner)
         # Alg. 1 l.12: xi = exp(A / beta) with A = R - V(s), for all of D at once (normalised over it).
         weights = advantage_weights(returns - values, args.beta, args.max_weight)
         unit_actions = (actions - (high + low) / 2) / ((high - low) / 2)  # the policy's units: bounds at -1 and 1
-        metrics |= train_actor(args, learner, states, unit_actions, weights, actor_steps)  # Alg. 1 l.10-14
+        metrics |= train_actor(args, learner, states, unit_actions, weights, actor_steps, actor_update)  # l.10-14
 
         sps = int((global_step - start_step) / (time.time() - start_time))
         metrics.update(value_mean=values.mean().item(), return_mean=returns.mean().item(),

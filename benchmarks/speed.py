@@ -140,8 +140,53 @@ def bench_iq_continuous(device: torch.device, rounds: int, steps: int) -> dict:
                 iteration={m: act_seconds + 1000 * s for m, s in step.items()})
 
 
-BENCHES = {"qwr_continuous.py": bench_qwr_continuous, "iq_continuous.py": bench_iq_continuous}
-NOT_YET = ("qwr_atari.py", "awr_continuous.py", "emaq_offline.py")  # no --compile yet
+def bench_awr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
+    """awr_continuous.py on Walker2d-v4 with the authors' settings: an iteration collects 2048 steps,
+    computes the buffer's TD(lambda) returns twice, then takes 200 critic and 1000 actor steps."""
+    import awr_continuous as awr
+
+    args = awr.Args(env_id="Walker2d-v4")
+    setting = awr.authors_setting(args.env_id)
+    envs = awr.make_vec_env(args.env_id, 1)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    learner = awr.make_learner(args, obs_dim, act_dim, device, setting["actor_lr"], setting["action_std"])
+    buffer = awr.ReplayBuffer(args.buffer_size, 1, obs_dim, act_dim, device)
+    obs, _ = envs.reset(seed=0)
+    seconds = []  # collecting an iteration's steps and computing the returns twice, as train does
+    for _ in range(5):
+        start = time.perf_counter()
+        rollout, obs, _ = awr.collect(envs, obs, args.samples_per_iteration, learner.actor, learner.obs_norm,
+                                      learner.action_std, device)
+        learner.obs_norm.update(rollout["obs"])
+        buffer.add(rollout)
+        for _ in range(2):
+            states, actions, values, returns = awr.buffer_returns(args, buffer, learner)
+        seconds.append(time.perf_counter() - start)
+    envs.close()
+    weights = awr.advantage_weights(returns - values, args.beta, args.max_weight)
+
+    def updates(fns, n: int) -> None:  # n critic and n actor steps
+        awr.train_critic(args, learner, states, returns, n, fns[0])
+        awr.train_actor(args, learner, states, actions, weights, n, fns[1])
+
+    with FlopCounterMode(display=False) as counter:
+        updates((awr.critic_step, awr.actor_step), 1)
+    start = time.perf_counter()
+    fast = (awr.compiled(awr.critic_step, args, device), awr.compiled(awr.actor_step, args, device))
+    updates(fast, 3)
+    compile_seconds = time.perf_counter() - start
+    flops = counter.get_total_flops()  # a critic and an actor step, timed together as a pair
+    step = time_modes({"eager": (awr.critic_step, awr.actor_step), "compiled": fast}, updates, device, rounds, steps)
+    # An iteration's 200 critic and 1000 actor steps, at the pair's mean time per step.
+    n_updates = args.critic_steps + args.actor_steps
+    return dict(script="awr_continuous.py", task="Walker2d-v4", flops=flops, updates_per_step=2, step=step,
+                compile_seconds=compile_seconds,
+                iteration={m: statistics.median(seconds) + n_updates * s / 2 for m, s in step.items()})
+
+
+BENCHES = {"qwr_continuous.py": bench_qwr_continuous, "iq_continuous.py": bench_iq_continuous,
+           "awr_continuous.py": bench_awr_continuous}
+NOT_YET = ("qwr_atari.py", "emaq_offline.py")  # no --compile yet
 
 
 def machine(device: torch.device) -> str:
@@ -169,7 +214,8 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
     lines += ["", "An iteration, evaluation not included: for qwr_continuous.py what `train` does between two "
               "logging lines (1000 environment steps, then 1000 critic and 1000 actor steps), an update being one "
               "critic or one actor step; for iq_continuous.py 1000 environment steps, each followed by its "
-              "update. Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
+              "update; for awr_continuous.py 2048 environment steps, the buffer's returns twice, 200 critic and "
+              "1000 actor steps (at the mean time of a critic and an actor step). Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
     return "\n".join(lines)
 
 

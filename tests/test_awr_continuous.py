@@ -177,8 +177,8 @@ def test_collect_stores_the_true_final_observation_at_episode_ends():
 
 
 def updates_on_tiny_data(args: awr.Args) -> dict:
-    """Five critic and five actor steps on 64 random stored steps of large rewards; the metrics
-    and the largest advantage weight."""
+    """Five critic and five actor steps (compiled with args.compile) on 64 random stored steps of
+    large rewards; the metrics and the largest advantage weight."""
     torch.manual_seed(0)
     buf = awr.ReplayBuffer(64, 1, 3, 2, "cpu")
     buf.add(dict(obs=torch.randn(64, 1, 3) * 10, next_obs=torch.randn(64, 1, 3) * 10, action=torch.randn(64, 1, 2),
@@ -187,15 +187,27 @@ def updates_on_tiny_data(args: awr.Args) -> dict:
     learner = awr.make_learner(args, 3, 2, "cpu", args.actor_lr or 5e-5, args.action_std or 0.4)
     learner.obs_norm.update(buf.data["obs"])
     states, _, _, returns = awr.buffer_returns(args, buf, learner)
-    metrics = awr.train_critic(args, learner, states, returns, 5)
+    cpu = torch.device("cpu")
+    metrics = awr.train_critic(args, learner, states, returns, 5, awr.compiled(awr.critic_step, args, cpu))
     states, actions, values, returns = awr.buffer_returns(args, buf, learner)
     weights = awr.advantage_weights(returns - values, args.beta, args.max_weight)
-    return metrics | awr.train_actor(args, learner, states, actions, weights, 5) | {"max_weight": weights.max().item()}
+    actor_update = awr.compiled(awr.actor_step, args, cpu)
+    return (metrics | awr.train_actor(args, learner, states, actions, weights, 5, actor_update)
+            | {"max_weight": weights.max().item()})
+
+
+def test_compiled_steps_give_the_eager_losses():
+    # The same seed, data and batches, eager and through torch.compile (the default, --compile):
+    # equal to float32 rounding, not bit for bit (compiled code draws eager's random numbers).
+    eager = updates_on_tiny_data(awr.Args(batch_size=16, compile=False))
+    fast = updates_on_tiny_data(awr.Args(batch_size=16))
+    for key in eager:
+        assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("flags", [dict(beta=1e-6), dict(max_weight=1e6), dict(gamma=0.9999), dict(critic_lr=1.0)])
 def test_extreme_settings_keep_every_loss_finite(flags):
-    metrics = updates_on_tiny_data(awr.Args(batch_size=16, **flags))
+    metrics = updates_on_tiny_data(awr.Args(batch_size=16, compile=False, **flags))
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert metrics["max_weight"] <= max(20.0, flags.get("max_weight", 0)) * (1 + 1e-6)  # (the clip, in float32)
 
@@ -210,6 +222,6 @@ def test_extreme_settings_keep_every_loss_finite(flags):
 def test_settings_that_diverge_stop_the_run_naming_the_flags(flags, cause, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = awr.Args(env_id="Hopper-v4", total_timesteps=100, samples_per_iteration=100, critic_steps=8,
-                    actor_steps=8, batch_size=32, buffer_size=1000, eval_episodes=0, cuda=False, **flags)
+                    actor_steps=8, batch_size=32, buffer_size=1000, eval_episodes=0, cuda=False, compile=False, **flags)
     with pytest.raises(FloatingPointError, match=r"non-finite losses at step 100 .*likely cause: " + re.escape(cause)):
         awr.train(args)

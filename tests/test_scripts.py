@@ -42,7 +42,7 @@ TINY = {
                 finite=("critic_loss", "actor_loss", "q_mean", "target_mean", "eval_return", "sps")),
     # 250 steps in iterations of 100: the last iteration collects 50, with fewer updates.
     "awr": Tiny(awr_continuous, dict(total_timesteps=250, samples_per_iteration=100, critic_steps=8, actor_steps=8,
-                                     eval_every=1), resume_to=350,
+                                     eval_every=1, compile=False), resume_to=350,
                 finite=("critic_loss", "actor_loss", "value_mean", "return_mean", "eval_return", "sps")),
     "iq": Tiny(iq_continuous, dict(total_timesteps=300, learning_starts=100, eval_every=150, compile=False),
                resume_to=450,
@@ -162,7 +162,8 @@ INTERRUPTIBLE = {
          "--train-episode-steps", "40", "--no-cuda"], "iter 1/", "iteration", "charts/SPS", EVERY_100, [400]),
     "awr_continuous.py": Interruptible(
         [*HOPPER, "--total-timesteps", "400", "--samples-per-iteration", "100", "--critic-steps", "300",
-         "--actor-steps", "300", "--eval-every", "4"], "iter 1/", "iteration", "charts/SPS", EVERY_100, [400]),
+         "--actor-steps", "300", "--eval-every", "4", "--no-compile"], "iter 1/", "iteration", "charts/SPS",
+        EVERY_100, [400]),
     # One update per environment step after 100 random ones, evaluated at the end of each window.
     "iq_continuous.py": Interruptible(
         [*HOPPER, "--total-timesteps", "400", "--learning-starts", "100", "--eval-every", "100", "--no-compile"],
