@@ -106,14 +106,19 @@ def test_table1_rows_give_each_seed_the_sampled_policy_and_the_reference_policie
     assert report.report("") == text
 
 
-def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypatch):
-    # Like the scripts, the fake names its directory after the second it starts in.
-    (tmp_path / "fake.py").write_text("import os, time\nos.makedirs(f'runs/fake__{int(time.time())}')\n")
+def fake_script(tmp_path: Path, monkeypatch, code: str) -> None:
+    """tmp_path/fake.py runs code; run.py's scripts, results and work directories all live in tmp_path."""
+    (tmp_path / "fake.py").write_text(code)
     for sub in ("runs", "logs", "done"):
         (tmp_path / sub).mkdir()
     monkeypatch.setattr(run, "ROOT", tmp_path)
     monkeypatch.setattr(run, "RESULTS", tmp_path)
     monkeypatch.setattr(run, "WORK", tmp_path / "work")
+
+
+def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypatch):
+    # Like the scripts, the fake names its directory after the second it starts in.
+    fake_script(tmp_path, monkeypatch, "import os, time\nos.makedirs(f'runs/fake__{int(time.time())}')\n")
     runs = [dict(key=f"k{i}", script="fake.py", args=[]) for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         assert [rc for _, rc, _ in pool.map(lambda r: run.launch(r, 1), runs)] == [0, 0]
@@ -148,12 +153,7 @@ def test_speed_table_gives_the_speed_up_and_the_share_of_the_machine():
 
 def test_two_run_py_never_run_the_same_run(tmp_path, monkeypatch):
     # Like the scripts, the fake makes its log directory, then works for a while.
-    (tmp_path / "fake.py").write_text("import os, time\nos.makedirs('runs/fake__1')\ntime.sleep(3)\n")
-    for sub in ("runs", "logs", "done"):
-        (tmp_path / sub).mkdir()
-    monkeypatch.setattr(run, "ROOT", tmp_path)
-    monkeypatch.setattr(run, "RESULTS", tmp_path)
-    monkeypatch.setattr(run, "WORK", tmp_path / "work")
+    fake_script(tmp_path, monkeypatch, "import os, time\nos.makedirs('runs/fake__1')\ntime.sleep(3)\n")
     same = dict(key="k", script="fake.py", args=[])
     with ThreadPoolExecutor(2) as pool:  # as two run.py processes would, each holding the run's lock in turn
         codes = sorted(pool.map(lambda r: run.launch(r, 1)[1], [same, same]), key=str)
