@@ -12,9 +12,11 @@ policy samples N actions from mu and takes the best under Q.
     logits of 40 bins; a_i is drawn uniformly within the chosen bin.
   - Q is an ensemble of K = 8 networks with EMA targets; a target combines
     the members as lambda min + (1 - lambda) max (lambda = 1).
-Hyper-parameters are Table 2's (MuJoCo).
+Hyper-parameters are Table 2's (MuJoCo); Table 3's (kitchen, antmaze, Adroit)
+are flags (benchmarks/run.py emaq-d4rl passes them).
 
-    python emaq_offline.py --dataset-id local/walker2d/qwr-replay-v0 --n-samples 10
+    python emaq_offline.py --dataset-id mujoco/hopper/medium-v0 --n-samples 10   # Minari downloads it
+    python emaq_offline.py --dataset-id local/hopper/qwr-replay-v0 --no-download  # made by qwr_continuous.py
 """
 
 import copy
@@ -46,8 +48,11 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the dataset and all updates live there)"""
-    dataset_id: str = "local/walker2d/qwr-replay-v0"
-    """Minari dataset id; make one with qwr_continuous.py --save-dataset (see README)"""
+    dataset_id: str = "mujoco/walker2d/medium-v0"
+    """Minari dataset id: a standard one (mujoco/hopper/medium-v0, D4RL/kitchen/complete-v2, ...) or one made
+    with qwr_continuous.py --save-dataset (see README)"""
+    download: bool = True
+    """download --dataset-id with Minari when it is not in the local store ($MINARI_DATASETS_PATH)"""
 
     # EMaQ (Section 3, Table 2)
     n_samples: int = 10
@@ -55,7 +60,9 @@ class Args:
     num_q: int = 8
     """K, Q-networks in the ensemble"""
     q_hidden: int = 750
-    """units in each of the 3 hidden layers of every Q-network (Table 2: 750)"""
+    """units in each hidden layer of every Q-network (Table 2: 750; Table 3: 256)"""
+    q_layers: int = 3
+    """hidden layers of every Q-network (Table 2: 3; Table 3: 4)"""
     ensemble_lambda: float = 1.0
     """a target combines the K members as lambda * min + (1 - lambda) * max"""
     num_updates: int = 1_000_000
@@ -77,7 +84,13 @@ class Args:
     n_bins: int = 40
     """bins per action dimension"""
     mu_embed: int = 750
-    """units of mu's state-embedding MLP and of the embedding itself (Appendix B: 750)"""
+    """units of mu's state-embedding MLP and of the embedding itself (Appendix G.1: 750; Table 3: 256)"""
+    mu_embed_layers: int = 2
+    """hidden layers of mu's state-embedding MLP (Appendix G.1: 2; Table 3: 4)"""
+    mu_hidden: int = 256
+    """units in each hidden layer of mu's per-dimension MLPs (Appendix G.1: 256; Table 3: 128)"""
+    mu_layers: int = 3
+    """hidden layers of mu's per-dimension MLPs (Appendix G.1: 3; Table 3: 1)"""
 
     # Evaluation, logging, checkpoints
     eval_every: int = 10_000
@@ -155,26 +168,97 @@ def act(obs: torch.Tensor, behavior, q_ensemble, n_samples: int, lam: float) -> 
 # ----------------------------------------------------------------------------
 
 
-def load_transitions(dataset_id: str, device) -> tuple:
-    """A Minari dataset as flat transitions (s, a, r, s', terminated) on the device,
-    its env id, its reference (random, expert) returns or None, and its mean
-    episode return; or a clear error."""
+# D4RL's random and expert returns of its MuJoCo tasks (scores 0 and 100), for datasets that carry none.
+D4RL_REF_SCORES = {"HalfCheetah": (-280.178953, 12135.0), "Hopper": (-20.272305, 3234.3),
+                   "Walker2d": (1.629008, 4592.3)}
+MAKE_ONE = "python qwr_continuous.py --env-id Hopper-v4 --save-dataset local/hopper/replay-v0 (README: offline)"
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def open_dataset(dataset_id: str, download: bool):
+    """The Minari dataset from the local store ($MINARI_DATASETS_PATH), downloaded by Minari
+    (which shows its progress) when it is not there and download is on; or a one-line error
+    that says how to get it."""
     try:
         import minari
     except ImportError:
-        raise UsageError("emaq_offline.py reads Minari datasets: pip install 'minari[hdf5]'") from None
+        raise UsageError("emaq_offline.py reads Minari datasets: pip install 'minari[hdf5,hf]'") from None
+    where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    found = ", ".join(sorted(minari.list_local_datasets())) or "none"
+    elsewhere = (f"local datasets: {found}; to get it, run `minari download {dataset_id}` on a machine with "
+                 f"internet and copy it into {where}, or make one here: {MAKE_ONE}")
     try:
-        dataset = minari.load_dataset(dataset_id)
-    except (FileNotFoundError, ValueError):
-        found = ", ".join(sorted(minari.list_local_datasets())) or "none"
-        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (found: {found}); make one with "
-                         f"python qwr_continuous.py --env-id Walker2d-v4 --save-dataset {dataset_id}") from None
+        return minari.load_dataset(dataset_id, download=download)
+    except FileNotFoundError:  # not in the local store, and --no-download
+        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (--no-download); {elsewhere}") from None
+    except ImportError:  # downloading needs huggingface_hub
+        raise UsageError(f"downloading {dataset_id} needs Minari's hf extra: pip install 'minari[hf]'") from None
+    except ValueError as e:  # a malformed id, or one that Minari's server does not have
+        raise UsageError(f"no Minari dataset {dataset_id!r}: {first_line(e)}; {elsewhere}") from None
+    except Exception as e:  # no network: the HTTP client's own error, whatever its class
+        raise UsageError(f"cannot download Minari dataset {dataset_id!r} ({type(e).__name__}: {first_line(e)}); "
+                         f"{elsewhere}") from None
+
+
+def make_env(spec) -> gym.Env:
+    """The evaluation environment; a Dict observation (antmaze, kitchen) is flattened in the
+    order of its space, the order in which flat_obs flattens the dataset's observations."""
+    env = gym.make(spec)
+    return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
+
+
+def flat_obs(space: gym.Space, obs) -> np.ndarray:
+    """A dataset's observations [T, ...] as flat vectors [T, n]: the parts of a Dict space
+    (nested ones too) joined in the space's order, as gymnasium's FlattenObservation does."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flat_obs(sub, obs[k]) for k, sub in space.spaces.items()], -1)
+    return np.asarray(obs, np.float32).reshape(len(obs), -1)
+
+
+@dataclass
+class DatasetInfo:
+    """What evaluating against a dataset needs besides its transitions."""
+
+    env_spec: gym.envs.registration.EnvSpec  # the environment to evaluate in
+    action_space: gym.spaces.Box  # mu's bins span its bounds
+    refs: Optional[tuple]  # (random, expert) returns for the normalised score, or None
+    mean_return: float  # of the dataset's episodes
+
+
+def eval_env_spec(dataset, dataset_id: str):
+    """The environment the dataset describes for evaluation (Minari's eval_env_spec, else the
+    one it was collected in), checked by making it once; a missing package is one line."""
+    try:
+        env = dataset.recover_environment(eval_env=True)
+    except ModuleNotFoundError as e:  # e.g. gymnasium_robotics, for kitchen, antmaze and Adroit
+        package = (e.name or "?").split(".")[0].replace("_", "-")
+        raise UsageError(f"{dataset_id} evaluates in an environment of {package}: pip install {package}") from None
+    except gym.error.Error as e:
+        raise UsageError(f"cannot make {dataset_id}'s environment: {first_line(e)}") from None
+    spec = env.spec
+    env.close()
+    return spec
+
+
+def load_transitions(dataset_id: str, download: bool, device) -> tuple[dict, DatasetInfo]:
+    """A Minari dataset as flat transitions (s, a, r, s', terminated) on the device, and what
+    evaluating against it needs; or a clear error."""
+    dataset = open_dataset(dataset_id, download)
+    spec = eval_env_spec(dataset, dataset_id)
+    env = gym.make(spec)
+    obs_space, action_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Box):
+        raise UsageError(f"emaq_offline.py needs continuous (Box) actions; {dataset_id} has {action_space}")
     parts = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminated")}
     episode_returns = []
     for ep in dataset.iterate_episodes():
-        parts["obs"].append(ep.observations[:-1])
-        parts["next_obs"].append(ep.observations[1:])  # the true final observation ends each episode
+        obs = flat_obs(obs_space, ep.observations)
+        parts["obs"].append(obs[:-1])
+        parts["next_obs"].append(obs[1:])  # the true final observation ends each episode
         parts["action"].append(ep.actions)
         parts["reward"].append(ep.rewards)
         parts["terminated"].append(ep.terminations)  # a truncation is not terminal: it bootstraps
@@ -183,8 +267,9 @@ def load_transitions(dataset_id: str, device) -> tuple:
     for k in ("obs", "action", "reward", "next_obs"):
         data[k] = data[k].float()
     meta = dataset.storage.metadata
-    refs = (meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None else None
-    return data, dataset.env_spec.id, refs, float(np.mean(episode_returns))
+    refs = ((meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None
+            else D4RL_REF_SCORES.get(spec.id.split("/")[-1].split("-")[0]))  # D4RL's, for its MuJoCo tasks
+    return data, DatasetInfo(spec, action_space, refs, float(np.mean(episode_returns)))
 
 
 def normalized_score(ret: float, refs: tuple) -> float:
@@ -224,11 +309,11 @@ def ensemble_mlp(k: int, in_dim: int, hidden: int, layers: int, out_dim: int) ->
 
 
 class QEnsemble(nn.Module):
-    """K Q-networks, MLPs of 3 layers of 750 ReLU units (Table 2)."""
+    """K Q-networks, MLPs of ReLU units (Table 2: 3 layers of 750)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, k: int, hidden: int = 750):
+    def __init__(self, obs_dim: int, act_dim: int, k: int, hidden: int = 750, layers: int = 3):
         super().__init__()
-        self.k, self.net = k, ensemble_mlp(k, obs_dim + act_dim, hidden, 3, 1)
+        self.k, self.net = k, ensemble_mlp(k, obs_dim + act_dim, hidden, layers, 1)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """obs [B, obs_dim], action [B, act_dim] -> Q [K, B]."""
@@ -239,22 +324,27 @@ class QEnsemble(nn.Module):
 class AutoregressiveBehavior(nn.Module):
     """mu(a|s) = prod_i p(l_i | s, a[:i]) * Uniform(a_i | bin l_i) (Appendix B, Eqs. 62-66).
 
-    The state embedding is an MLP of 2 layers of 750 ReLU units and a linear
-    750-d output. Dimension i has its own MLP (3 layers of 256 ReLU units)
-    of the embedding and the actions before i. The d MLPs run as one batched
-    ensemble: each sees all actions, with a[i:] masked to 0, which is the same
-    function as an MLP of a[:i] alone (the masked inputs' weights never matter).
+    The state embedding is an MLP of ReLU units with a linear output of the
+    same width (Appendix G.1: 2 layers of 750). Dimension i has its own MLP
+    (3 layers of 256) of the embedding and the actions before i. The d MLPs
+    run as one batched ensemble: each sees all actions, with a[i:] masked to
+    0, which is the same function as an MLP of a[:i] alone (the masked inputs'
+    weights never matter). Table 3's models also pass a[:i] through a linear
+    map first; the paper says this was not needed, and it is left out here.
     """
 
     def __init__(self, obs_dim: int, low: np.ndarray, high: np.ndarray, n_bins: int = 40,
-                 embed: int = 750, hidden: int = 256):
+                 embed: int = 750, hidden: int = 256, embed_layers: int = 2, layers: int = 3):
         super().__init__()
         self.act_dim, self.n_bins = len(low), n_bins
         self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32))
         self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32))
-        self.embed = nn.Sequential(nn.Linear(obs_dim, embed), nn.ReLU(), nn.Linear(embed, embed), nn.ReLU(),
-                                   nn.Linear(embed, embed))
-        self.heads = ensemble_mlp(self.act_dim, embed + self.act_dim, hidden, 3, n_bins)
+        mods, dim = [], obs_dim
+        for _ in range(embed_layers):
+            mods += [nn.Linear(dim, embed), nn.ReLU()]
+            dim = embed
+        self.embed = nn.Sequential(*mods, nn.Linear(dim, embed))
+        self.heads = ensemble_mlp(self.act_dim, embed + self.act_dim, hidden, layers, n_bins)
         # mask[i, j] = 1 if dimension j comes before dimension i
         self.register_buffer("mask", torch.tril(torch.ones(self.act_dim, self.act_dim), -1))
 
@@ -302,13 +392,12 @@ class Learner:
     SAVED = ("behavior", "q_ensemble", "target_q", "mu_opt", "q_opt")
 
 
-def make_learner(args: Args, env_id: str, obs_dim: int, act_dim: int, device) -> Learner:
-    env = gym.make(env_id)  # mu's bins span the env's action bounds
-    low, high = env.action_space.low, env.action_space.high
-    env.close()
-    behavior = AutoregressiveBehavior(obs_dim, low, high, args.n_bins, embed=args.mu_embed).to(device)
+def make_learner(args: Args, action_space: gym.spaces.Box, obs_dim: int, device) -> Learner:
+    behavior = AutoregressiveBehavior(obs_dim, action_space.low, action_space.high, args.n_bins, embed=args.mu_embed,
+                                      hidden=args.mu_hidden, embed_layers=args.mu_embed_layers,
+                                      layers=args.mu_layers).to(device)
     # Alg. 1: K Q-functions, and K targets with the same parameters.
-    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_q, hidden=args.q_hidden).to(device)
+    q_ensemble = QEnsemble(obs_dim, action_space.shape[0], args.num_q, args.q_hidden, args.q_layers).to(device)
     return Learner(behavior, q_ensemble, copy.deepcopy(q_ensemble).requires_grad_(False),
                    torch.optim.Adam(behavior.parameters(), lr=args.mu_lr),
                    torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr))
@@ -320,11 +409,11 @@ def make_learner(args: Args, env_id: str, obs_dim: int, act_dim: int, device) ->
 
 
 @torch.no_grad()
-def evaluate(args: Args, env_id: str, learner: Learner, obs_mean, obs_std, device) -> np.ndarray:
+def evaluate(args: Args, env_spec, learner: Learner, obs_mean, obs_std, device) -> np.ndarray:
     """Returns of --eval-episodes episodes of the EMaQ policy, run side by side; the
     networks see observations standardised as the dataset's were."""
     envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
-        [lambda: gym.make(env_id)] * args.eval_episodes, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
+        [lambda: make_env(env_spec)] * args.eval_episodes, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
     obs, _ = envs.reset(seed=args.seed + 10_000)
     returns = np.full(args.eval_episodes, np.nan)
     while np.isnan(returns).any():
@@ -396,8 +485,11 @@ def train_q(args: Args, data: dict, learner: Learner, n_updates: int) -> tuple[d
 def check_args(args: Args) -> None:
     """Raise UsageError for a bad command line, before anything is built."""
     problems = [
-        (min(args.n_samples, args.num_q, args.batch_size, args.eval_every, args.q_hidden, args.mu_embed) < 1,
-         "--n-samples, --num-q, --batch-size, --eval-every, --q-hidden and --mu-embed must be >= 1"),
+        (min(args.n_samples, args.num_q, args.batch_size, args.eval_every, args.q_hidden, args.q_layers,
+             args.mu_embed, args.mu_hidden) < 1,
+         "--n-samples, --num-q, --batch-size, --eval-every, --q-hidden, --q-layers, --mu-embed and --mu-hidden "
+         "must be >= 1"),
+        (min(args.mu_embed_layers, args.mu_layers) < 0, "--mu-embed-layers and --mu-layers cannot be negative"),
         (min(args.num_updates, args.mu_steps, args.eval_episodes) < 0, "step and episode counts cannot be negative"),
         (not 0 <= args.ensemble_lambda <= 1, "--ensemble-lambda must be in [0, 1]"),
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
@@ -443,8 +535,7 @@ def load_checkpoint(args: Args, learner: Learner) -> tuple[int, int, Optional[st
     try:
         ckpt = torch.load(path, map_location=learner.behavior.low.device, weights_only=False)
     except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
-        first_line = (str(e).strip().splitlines() or [""])[0][:120]
-        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line})") from None
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise UsageError(f"{path} is not a checkpoint of {SCRIPT} (it holds a {type(ckpt).__name__})")
     missing = [k for k in (*Learner.SAVED, "args", "mu_done", "q_done") if k not in ckpt]
@@ -453,7 +544,8 @@ def load_checkpoint(args: Args, learner: Learner) -> tuple[int, int, Optional[st
         raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({why})")
     if ckpt["args"]["dataset_id"] != args.dataset_id:
         raise UsageError(f"{path} was trained on {ckpt['args']['dataset_id']}, not {args.dataset_id}")
-    for flag in ("n_bins", "num_q", "q_hidden", "mu_embed"):  # the networks' shapes
+    for flag in ("n_bins", "num_q", "q_hidden", "q_layers", "mu_embed", "mu_embed_layers", "mu_hidden",
+                 "mu_layers"):  # the networks' shapes
         saved = ckpt["args"].get(flag, getattr(Args, flag))
         if saved != getattr(args, flag):
             raise UsageError(f"{path} has --{flag.replace('_', '-')} {saved}; pass the same")
@@ -515,22 +607,23 @@ def train(args: Args) -> dict:
     targets, evaluating every --eval-every updates; returns the final metrics."""
     check_args(args)
     device = seed_and_device(args)
-    data, env_id, refs, dataset_return = load_transitions(args.dataset_id, device)
-    num_transitions, obs_dim, act_dim = len(data["reward"]), data["obs"].shape[1], data["action"].shape[1]
+    data, info = load_transitions(args.dataset_id, args.download, device)
+    env_spec, refs, dataset_return = info.env_spec, info.refs, info.mean_return
+    num_transitions, obs_dim = len(data["reward"]), data["obs"].shape[1]
     # Observations are standardised with the dataset's statistics (fixed: the data is).
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0).clamp(min=1e-3)
     for k in ("obs", "next_obs"):
         data[k] = (data[k] - obs_mean) / obs_std
-    learner = make_learner(args, env_id, obs_dim, act_dim, device)
+    learner = make_learner(args, info.action_space, obs_dim, device)
     # A checkpoint's run goes on: its log directory, step counters and random state.
     mu_done, q_done, saved_name = load_checkpoint(args, learner) if args.checkpoint_path else (0, 0, None)
-    run_name = saved_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = saved_name or f"{env_spec.id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.eval_only:
-        returns = evaluate(args, env_id, learner, obs_mean, obs_std, device)
+        returns = evaluate(args, env_spec, learner, obs_mean, obs_std, device)
         print(f"eval return {with_score(returns.mean(), refs)} +- {returns.std():.1f}")
         return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
     writer = open_writer(args, run_name)
-    print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {num_transitions} transitions of {env_id}, dataset "
+    print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {num_transitions} transitions of {env_spec.id}, dataset "
           f"return {with_score(dataset_return, refs)}; logs in runs/{run_name} ({device})")
     metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
     if not saved_name:  # (a resumed run has logged it)
@@ -559,7 +652,7 @@ def train(args: Args) -> dict:
         line = f"update {updates}/{args.num_updates} | q loss {metrics['q_loss']:.4f} q {metrics['q_mean']:.2f}"
         if args.eval_episodes > 0:
             eval_start = time.time()
-            returns = evaluate(args, env_id, learner, obs_mean, obs_std, device)
+            returns = evaluate(args, env_spec, learner, obs_mean, obs_std, device)
             eval_seconds += time.time() - eval_start
             line += log_evaluation(writer, metrics, returns, refs)
         if args.save_model:

@@ -128,6 +128,8 @@ class Args:
     """train from this Minari dataset without env interaction, mu = N(action taken, --action-std)"""
     offline_iterations: int = 30
     """iterations of critic and actor steps in offline mode (Section 4.4)"""
+    download: bool = True
+    """download --offline-dataset-id with Minari when it is not in the local store"""
     save_dataset: Optional[str] = None
     """Minari id (e.g. local/walker2d/qwr-replay-v0): at the end, write every step collected as a dataset"""
     save_policy_dataset: Optional[str] = None
@@ -141,7 +143,7 @@ DEFAULT_ENV_ID = "Walker2d-v4"
 # Flags that mean something in one mode only: set in the other, they are an error, not silently ignored.
 ONLINE_ONLY = ("total_timesteps", "steps_per_iteration", "num_envs", "buffer_size", "obs_norm_sample_limit",
                "save_dataset")
-OFFLINE_ONLY = ("offline_iterations",)
+OFFLINE_ONLY = ("offline_iterations", "download")
 # Flags that can break the numbers: a non-finite loss names those set away from their defaults.
 SENSITIVE = ("critic_lr", "actor_lr", "tau", "backup_scale", "beta", "max_weight", "action_std", "gamma",
              "scale_value_targets")
@@ -268,14 +270,18 @@ def advantage_weights(q: torch.Tensor, beta: float, max_weight: float) -> torch.
 # ----------------------------------------------------------------------------
 
 
-def make_env(env_id: str, video_folder: Optional[str] = None) -> gym.Env:
+def make_env(env_id, video_folder: Optional[str] = None) -> gym.Env:
+    """env_id: an id, or an offline dataset's EnvSpec. A Dict observation (antmaze, kitchen) is
+    flattened in its space's order, the order in which flat_obs flattens a dataset's."""
+    env = gym.make(env_id, render_mode="rgb_array") if video_folder else gym.make(env_id)
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = gym.wrappers.FlattenObservation(env)
     if not video_folder:
-        return gym.make(env_id)
-    env = gym.make(env_id, render_mode="rgb_array")
+        return env
     return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
 
 
-def make_vec_env(env_id: str, n: int, video_folder: Optional[str] = None) -> gym.vector.VectorEnv:
+def make_vec_env(env_id, n: int, video_folder: Optional[str] = None) -> gym.vector.VectorEnv:
     # SAME_STEP autoreset: every step is a real transition; when an episode ends,
     # the returned observation already starts the next one and the true last
     # observation is in info["final_obs"].
@@ -288,12 +294,16 @@ def make_vec_env(env_id: str, n: int, video_folder: Optional[str] = None) -> gym
     return gym.wrappers.vector.ClipAction(envs)
 
 
-def check_env(env_id: str) -> gym.Env:
+def check_env(env_id) -> gym.Env:
     """The env's spaces, or a UsageError saying why this script cannot learn on it."""
     try:
-        env = gym.make(env_id)
+        env = make_env(env_id)
     except gym.error.Error as e:
         raise UsageError(f"cannot make env {env_id!r}: {e}") from None
+    except ModuleNotFoundError as e:  # e.g. gymnasium_robotics, for kitchen, antmaze and Adroit datasets
+        package = (e.name or "?").split(".")[0].replace("_", "-")
+        raise UsageError(f"{getattr(env_id, 'id', env_id)} needs {package}: pip install {package}") from None
+    env_id = getattr(env_id, "id", env_id)
     act, obs = env.action_space, env.observation_space
     env.close()
     if not isinstance(act, gym.spaces.Box):
@@ -503,7 +513,7 @@ def collect(envs, obs: np.ndarray, steps_per_env: int, actor, obs_norm, action_s
 
 
 @torch.no_grad()
-def evaluate(env_id: str, n_episodes: int, actor, obs_norm, device, seed: int,
+def evaluate(env_id, n_episodes: int, actor, obs_norm, device, seed: int,
              video_folder: Optional[str] = None, action_std: float = 0.0) -> np.ndarray:
     """Returns of n_episodes of the deterministic policy (the mean action), or with
     action_std > 0 of the sampled Gaussian policy (the paper does not say which
@@ -660,7 +670,7 @@ def check_args(args: Args, offline: bool) -> None:
         try:
             import minari
         except ImportError:
-            raise UsageError("datasets need minari: pip install 'minari[hdf5]'") from None
+            raise UsageError("datasets need minari: pip install 'minari[hdf5,hf]'") from None
         for flag, dataset_id in (("--save-dataset", args.save_dataset),
                                  ("--save-policy-dataset", args.save_policy_dataset)):
             if dataset_id and dataset_id in minari.list_local_datasets():
@@ -729,9 +739,10 @@ def save_checkpoint(path: str, args: Args, learner: Learner, iteration: int, run
 
 
 def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: int, evaluate_now: bool,
-                     run_name: str, device, refs: Optional[tuple] = None, buffer=None) -> str:
+                     run_name: str, device, refs: Optional[tuple] = None, buffer=None, eval_env=None) -> str:
     """Log an iteration's metrics; when evaluate_now, evaluate the policy (deterministic and
-    sampled) and write a checkpoint if asked. Returns the status line's evaluation part."""
+    sampled; in eval_env, an offline dataset's EnvSpec, else in --env-id) and write a checkpoint
+    if asked. Returns the status line's evaluation part."""
     if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
         defaults = Args()
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE if getattr(args, k) != getattr(defaults, k)]
@@ -746,7 +757,7 @@ def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: 
         return ""
     seed, video = args.seed + 10_000, f"videos/{run_name}/step{step}" if args.capture_video else None
     for key, std in (("eval_return", 0.0), ("eval_return_sampled", args.action_std)):
-        returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device, seed,
+        returns = evaluate(eval_env or args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device, seed,
                            None if std else video, std)
         metrics[key] = float(returns.mean())
         writer.add_scalar(f"charts/{key}", metrics[key], step)
@@ -856,12 +867,12 @@ def train_offline(args: Args) -> dict:
     mu = N(action taken, --action-std) at every state; returns the final metrics."""
     check_args(args, offline=True)
     device = seed_and_device(args)
-    buffer, env_id, refs = load_dataset(args.offline_dataset_id, args.action_std, device)
-    if args.env_id not in (None, env_id):
-        raise UsageError(f"--env-id {args.env_id} is not the dataset's environment, {env_id}")
-    args = replace(args, env_id=env_id)  # evaluate where the data came from
-    env = check_env(env_id)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    buffer, env_spec, refs = load_dataset(args.offline_dataset_id, args.download, args.action_std, device)
+    if args.env_id not in (None, env_spec.id):
+        raise UsageError(f"--env-id {args.env_id} is not the dataset's environment, {env_spec.id}")
+    args = replace(args, env_id=env_spec.id)  # evaluate where the dataset says
+    env = check_env(env_spec)
+    run_name = f"{env_spec.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     # Normalised by the statistics of the whole dataset.
     learner = make_learner(args, env.observation_space.shape[0], env.action_space, device, buffer.size)
     learner.obs_norm.update(buffer.data["obs"])
@@ -887,7 +898,7 @@ def train_offline(args: Args) -> dict:
                         seconds_per_iteration=time.time() - iteration_start)
         evaluate_now = (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.offline_iterations
         line = f"iter {iteration + 1}/{args.offline_iterations}" + end_of_iteration(
-            args, writer, learner, metrics, iteration + 1, evaluate_now, run_name, device, refs)
+            args, writer, learner, metrics, iteration + 1, evaluate_now, run_name, device, refs, eval_env=env_spec)
         print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | "
               f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
         if Stop.signal:
@@ -946,26 +957,75 @@ def write_dataset(dataset_id: str, episodes: list, env_id: str, description: str
     print(f"wrote Minari dataset {dataset_id}: {len(episodes)} episodes, {steps} steps")
 
 
-def load_dataset(dataset_id: str, action_std: float, device) -> tuple:
+MAKE_ONE = "python qwr_continuous.py --env-id Hopper-v4 --save-dataset local/hopper/replay-v0 (README: offline)"
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def open_dataset(dataset_id: str, download: bool):
+    """The Minari dataset from the local store ($MINARI_DATASETS_PATH), downloaded by Minari
+    (which shows its progress) when it is not there and download is on; or a one-line error
+    that says how to get it."""
+    import minari
+
+    where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    found = ", ".join(sorted(minari.list_local_datasets())) or "none"
+    elsewhere = (f"local datasets: {found}; to get it, run `minari download {dataset_id}` on a machine with "
+                 f"internet and copy it into {where}, or make one here: {MAKE_ONE}")
+    try:
+        return minari.load_dataset(dataset_id, download=download)
+    except FileNotFoundError:  # not in the local store, and --no-download
+        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (--no-download); {elsewhere}") from None
+    except ImportError:  # downloading needs huggingface_hub
+        raise UsageError(f"downloading {dataset_id} needs Minari's hf extra: pip install 'minari[hf]'") from None
+    except ValueError as e:  # a malformed id, or one that Minari's server does not have
+        raise UsageError(f"no Minari dataset {dataset_id!r}: {first_line(e)}; {elsewhere}") from None
+    except Exception as e:  # no network: the HTTP client's own error, whatever its class
+        raise UsageError(f"cannot download Minari dataset {dataset_id!r} ({type(e).__name__}: {first_line(e)}); "
+                         f"{elsewhere}") from None
+
+
+def flat_obs(space: gym.Space, obs) -> np.ndarray:
+    """A dataset's observations [T, ...] as flat vectors [T, n]: the parts of a Dict space
+    (nested ones too) joined in the space's order, as gymnasium's FlattenObservation does."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flat_obs(sub, obs[k]) for k, sub in space.spaces.items()], -1)
+    return np.asarray(obs, np.float32).reshape(len(obs), -1)
+
+
+def eval_env_spec(dataset, dataset_id: str):
+    """The environment the dataset describes for evaluation (Minari's eval_env_spec, else the
+    one it was collected in), checked by making it once; a missing package is one line."""
+    try:
+        env = dataset.recover_environment(eval_env=True)
+    except ModuleNotFoundError as e:  # e.g. gymnasium_robotics, for kitchen, antmaze and Adroit
+        package = (e.name or "?").split(".")[0].replace("_", "-")
+        raise UsageError(f"{dataset_id} evaluates in an environment of {package}: pip install {package}") from None
+    except gym.error.Error as e:
+        raise UsageError(f"cannot make {dataset_id}'s environment: {first_line(e)}") from None
+    spec = env.spec
+    env.close()
+    return spec
+
+
+def load_dataset(dataset_id: str, download: bool, action_std: float, device) -> tuple:
     """A Minari dataset as a one-env replay buffer, with mu = N(a_taken, action_std)
     at every state (Section 4.4: the dataset holds no sampling policy). The
     final observation of an episode has no action taken; mu there is centred
-    on the episode's last action. Returns the buffer, the dataset's env id, and
-    its reference (random, expert) returns for normalised scores, or None."""
-    import minari
-
-    try:
-        dataset = minari.load_dataset(dataset_id)
-    except (FileNotFoundError, ValueError):
-        found = ", ".join(sorted(minari.list_local_datasets())) or "none"
-        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (found: {found}); make one with "
-                         f"python qwr_continuous.py --env-id Walker2d-v4 --save-dataset {dataset_id}") from None
+    on the episode's last action. Returns the buffer, the EnvSpec to evaluate
+    in, and the (random, expert) returns for normalised scores, or None."""
+    dataset = open_dataset(dataset_id, download)
+    spec = eval_env_spec(dataset, dataset_id)
+    env = gym.make(spec)
+    obs_space = env.observation_space  # a Dict is flattened here as make_env flattens the env's
+    env.close()
     parts = {k: [] for k in ("obs", "next_obs", "action", "next_mu_mean", "reward", "terminated", "episode_end")}
     for ep in dataset.iterate_episodes():
-        n = len(ep.rewards)
-        parts["obs"].append(ep.observations[:-1])
-        parts["next_obs"].append(ep.observations[1:])
+        n, obs = len(ep.rewards), flat_obs(obs_space, ep.observations)
+        parts["obs"].append(obs[:-1])
+        parts["next_obs"].append(obs[1:])
         parts["action"].append(ep.actions)
         parts["next_mu_mean"].append(np.concatenate([ep.actions[1:], ep.actions[-1:]]))
         parts["reward"].append(ep.rewards)
@@ -979,8 +1039,9 @@ def load_dataset(dataset_id: str, action_std: float, device) -> tuple:
     buffer = ReplayBuffer(len(data["reward"]), 1, data["obs"].shape[-1], data["action"].shape[-1], device)
     buffer.add(data)
     meta = dataset.storage.metadata
-    refs = (meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None else None
-    return buffer, dataset.env_spec.id, refs
+    refs = ((meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None
+            else D4RL_REF_SCORES.get(spec.id.split("/")[-1].split("-")[0]))  # D4RL's, for its MuJoCo tasks
+    return buffer, spec, refs
 
 
 def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, device, seed: int) -> list:

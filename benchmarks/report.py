@@ -30,6 +30,7 @@ GRID_TITLES = {
     "qwr-table3": "QWR paper Table 3: MuJoCo, 1M environment steps",
     "iq": "IQ paper ablation (Fig. 2: M-IQ, IQ, Gaussian policy) at 100K environment steps",
     "emaq": "Offline: EMaQ and QWR on datasets made by qwr_continuous.py",
+    "emaq-d4rl": "EMaQ paper Fig. 1-2 and Table 1: Minari's D4RL datasets (normalised scores)",
 }
 
 
@@ -46,7 +47,10 @@ def method_of(hp: dict) -> str:
         return ("M-IQ" if munchausen else "IQ") + ("-gaussian" if hp.get("policy") == "gaussian" else "")
     if script == "emaq_offline":
         setting = (hp.get("q_hidden", "750"), hp.get("mu_embed", "750"), hp.get("num_updates", "1000000"))
-        small = "" if setting == ("750", "750", "1000000") else " (Q {}, mu {} units, {} updates)".format(*setting)
+        table3 = (hp.get("q_layers"), hp.get("num_q"), hp.get("n_bins"), setting) == ("4", "16", "80",
+                                                                                     ("256", "256", "1000000"))
+        small = ("" if setting == ("750", "750", "1000000") else " (Table 3)" if table3
+                 else " (Q {}, mu {} units, {} updates)".format(*setting))
         return f"EMaQ N={hp.get('n_samples', '?')}{small}"  # Table 2's setting has no suffix
     return {"awr_continuous": "AWR"}.get(script, script)
 
@@ -63,6 +67,8 @@ def grid_of(hp: dict) -> str:
         return "emaq"
     if script == "qwr_atari":
         return "qwr-table2"
+    if script == "emaq_offline" and hp.get("dataset_id", "").startswith(("D4RL/", "mujoco/")):
+        return "emaq-d4rl"  # Minari's standard datasets
     if script in ("iq_continuous", "emaq_offline"):
         return {"iq_continuous": "iq", "emaq_offline": "emaq"}[script]
     if script in ("qwr_continuous", "awr_continuous"):
@@ -168,6 +174,14 @@ def paper_numbers() -> dict:
         return {(r["grid"], r["method"], r["env"]): r for r in csv.DictReader(f)}
 
 
+def paper_cell(paper: dict, grid: str, method: str, env: str) -> str:
+    """The paper's number for (method, env), with the baselines the paper lists beside it."""
+    cell = lambda r: f"{r['score']} ± {r['spread']}" if r["spread"] else r["score"] or "–"  # noqa: E731
+    ours = paper.get((grid, method, env))
+    others = [f"{m} {cell(paper[(grid, m, env)])}" for m in ("BC", "BCQ", "BEAR") if (grid, m, env) in paper]
+    return (cell(ours) if ours else "–") + (f" ({', '.join(others)})" if others else "")
+
+
 def plot_grid(grid: str, runs: list[dict], out: Path, paper: dict) -> None:
     import matplotlib
 
@@ -256,8 +270,7 @@ def table_row(grid: str, method: str, env: str, grid_runs: list[dict], paper: di
     late = [r["late_train_return"] for r in done if r["late_train_return"] is not None]
     train = median_iqr(late) if done and len(late) == len(done) else "–"
     seeds = f"{len(done)}" + (f" (+{running} running)" if running else "")
-    p = paper.get((grid, method, env))
-    theirs = (f"{p['score']} ± {p['spread']}" if p and p["spread"] else p["score"] if p else "–")
+    theirs = paper_cell(paper, grid, method, env)
     if grid == "emaq" and done and done[0]["dataset_return"] is not None:
         theirs = f"{done[0]['dataset_return']:.0f}"
     wall = f"{np.median([r['wall_minutes'] for r in done]):.0f} min" if done else "–"

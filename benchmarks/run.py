@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # report.py, beside this file
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = Path(os.environ.get("RL_BENCHMARKS_WORK") or Path.home() / ".cache" / "rl-benchmarks")
 # Scripts that checkpoint with --save-model (and when stopped by a signal) to runs/<run>/<script>.pt, and resume
@@ -50,6 +51,22 @@ DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # see R
 # EMaQ at Table 2's sizes needs a GPU (2.6 s per N = 10 update on one thread of this CPU); this fits a CPU.
 EMAQ_CPU = ["--q-hidden", "256", "--mu-embed", "256", "--mu-steps", "5000", "--num-updates", "1000",
             "--eval-every", "250", "--eval-episodes", "5"]
+
+# EMaQ's D4RL grid on Minari's copies of the datasets (downloaded on first use; needs a GPU at these sizes).
+# Fig. 1 and 2 (MuJoCo): Table 2's settings (the defaults), N swept as in Fig. 1; Minari has D4RL's "medium" data,
+# re-collected on the -v5 environments, and the paper gives these results as plots only.
+EMAQ_MUJOCO = ["mujoco/halfcheetah/medium-v0", "mujoco/hopper/medium-v0", "mujoco/walker2d/medium-v0"]
+# Table 1 (kitchen, antmaze, Adroit): Table 3's settings. mu's (256, 4, 128, 1, 128, 80) is embedding width and
+# layers, per-dimension MLP width and layers, Lin_i's width (not implemented: emaq_offline.py's docstring), bins.
+EMAQ_TABLE3 = ["--batch-size", "128", "--num-q", "16", "--q-hidden", "256", "--q-layers", "4", "--mu-embed", "256",
+               "--mu-embed-layers", "4", "--mu-hidden", "128", "--mu-layers", "1", "--n-bins", "80"]
+# Table 1's best N per dataset; the antmaze rows no N solved (the paper gives none) run at N = 100.
+EMAQ_TABLE1 = {"D4RL/kitchen/complete-v2": 64, "D4RL/kitchen/partial-v2": 8, "D4RL/kitchen/mixed-v2": 8,
+               "D4RL/antmaze/umaze-v1": 100, "D4RL/antmaze/umaze-diverse-v1": 50,
+               "D4RL/antmaze/medium-play-v1": 100, "D4RL/antmaze/medium-diverse-v1": 100,
+               "D4RL/antmaze/large-play-v1": 100, "D4RL/antmaze/large-diverse-v1": 100,
+               "D4RL/door/cloned-v2": 64, "D4RL/hammer/cloned-v2": 64, "D4RL/pen/cloned-v2": 128,
+               "D4RL/relocate/cloned-v2": 16}
 
 # grid -> (method, script, extra flags, envs). The paper's tables report 5 seeds.
 GRIDS = {
@@ -77,6 +94,12 @@ GRIDS = {
         *((f"EMaQ N={n} (Q 256, mu 256 units, 1000 updates)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_CPU],
            DATASETS[1:]) for n in (10, 50)),
         ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS[1:]),
+    ],
+    "emaq-d4rl": [  # EMaQ paper Fig. 1-2 (MuJoCo) and Table 1 on Minari's D4RL datasets
+        *((f"EMaQ N={n}", "emaq_offline.py", ["--n-samples", str(n)], EMAQ_MUJOCO)
+          for n in (5, 10, 25, 50, 100, 200, 400)),
+        *((f"EMaQ N={n} (Table 3)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_TABLE3], [dataset])
+          for dataset, n in EMAQ_TABLE1.items()),
     ],
     "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation (Fig. 2), at a 100K-step budget
         ("M-IQ", "iq_continuous.py", IQ_100K, ["HalfCheetah-v4", "Walker2d-v4"]),
@@ -117,7 +140,7 @@ def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
                 env_flag = ("--dataset-id" if script == "emaq_offline.py" else
                             "--offline-dataset-id" if grid.startswith("emaq") else "--env-id")
                 runs.append(dict(key=f"{grid}__{method}__{env.replace('/', '-')}__{seed}", script=script,
-                                 args=[env_flag, env, "--seed", str(seed), *flags]))
+                                 args=[env_flag, env, "--seed", str(seed), *flags], method=method, env=env))
     return runs
 
 
@@ -176,7 +199,6 @@ def launch(run: dict, threads: int) -> tuple[str, Optional[int], float]:
 def adopt(runs_dir: Path) -> None:
     """Take in finished runs made outside run.py (the scripts' own runs/ dirs):
     copy their TensorBoard logs (not checkpoints) and write their markers."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from report import read_run
 
     for path in sorted(p.parent for p in runs_dir.glob("*/events.out.tfevents*")):
@@ -226,9 +248,13 @@ def main() -> None:
     missing = sorted({r["script"] for r in runs if not (ROOT / r["script"]).is_file()})
     done = {r["key"] for r in runs if (RESULTS / "done" / f"{r['key']}.json").is_file()}
     todo = [r for r in runs if r["key"] not in done and r["script"] not in missing]
+    from report import paper_cell, paper_numbers
+
+    paper = paper_numbers()
     for r in runs:
         status = "done" if r["key"] in done else "no script yet" if r["script"] in missing else "to run"
-        print(f"{status:>14}  python {r['script']} {' '.join(r['args'])}")
+        theirs = f"  [paper {paper_cell(paper, a.grid, r['method'], r['env'])}]" if "method" in r else ""
+        print(f"{status:>14}  python {r['script']} {' '.join(r['args'])}{theirs}")
     print(f"{len(runs)} runs: {len(done)} done, {len(todo)} to run"
           + (f", {sum(r['script'] in missing for r in runs)} waiting for {', '.join(missing)}" if missing else ""))
     if a.dry_run or not todo:

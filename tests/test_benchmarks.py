@@ -42,6 +42,24 @@ def test_report_names_runs_from_their_hyper_parameters():
     assert report.grid_of({"exp_name": "qwr_atari", "total_timesteps": "100000"}) == "qwr-table2"
 
 
+def test_the_emaq_d4rl_grid_runs_table_1_at_table_3s_sizes_and_the_report_finds_its_paper_numbers():
+    runs = run.runs_of("emaq-d4rl", [1], None, None)
+    assert len(runs) == 7 * 3 + 13  # Fig. 1's N on three MuJoCo datasets; Table 1's 13 rows
+    kitchen = next(r for r in runs if r["env"] == "D4RL/kitchen/complete-v2")
+    assert kitchen["args"][:6] == ["--dataset-id", "D4RL/kitchen/complete-v2", "--seed", "1", "--n-samples", "64"]
+    flags = dict(zip(kitchen["args"][6::2], kitchen["args"][7::2]))
+    assert flags == {"--batch-size": "128", "--num-q": "16", "--q-hidden": "256", "--q-layers": "4", "--mu-embed": "256",
+                     "--mu-embed-layers": "4", "--mu-hidden": "128", "--mu-layers": "1", "--n-bins": "80"}
+    # What the run logs names it as the grid does, so the report puts the paper's numbers beside it.
+    hp = {"exp_name": "emaq_offline", "dataset_id": kitchen["env"], "n_samples": "64", "num_updates": "1000000",
+          **{k[2:].replace("-", "_"): v for k, v in flags.items()}}
+    assert (report.grid_of(hp), report.method_of(hp)) == ("emaq-d4rl", kitchen["method"])
+    assert report.paper_cell(report.paper_numbers(), "emaq-d4rl", kitchen["method"], kitchen["env"]) == \
+        "36.9 ± 3.7 (BC 27.2 ± 3.2, BCQ 26.5 ± 4.8, BEAR –)"
+    pen = next(r for r in runs if r["env"] == "D4RL/pen/cloned-v2")
+    assert report.paper_cell(report.paper_numbers(), "emaq-d4rl", pen["method"], pen["env"]).startswith("27.9 ± 3.7")
+
+
 def test_report_reads_final_returns_and_keeps_the_furthest_run_per_seed(tmp_path):
     hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000)
     fake_run(tmp_path, "a", hp | dict(seed=1), [(50_000, 300.0), (100_000, 1200.0)])

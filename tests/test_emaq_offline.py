@@ -157,7 +157,7 @@ def test_sampling_conditions_each_dimension_on_the_earlier_ones_drawn_for_the_sa
 def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])  # (conftest.py: 200 steps of qwr_continuous.py)
     monkeypatch.chdir(tmp_path)
-    args = emaq.Args(dataset_id="local/hopper/tiny-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
+    args = emaq.Args(dataset_id="mujoco/hopper/local-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
                      n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, save_model=True)
     m = emaq.train(args)
     assert m["updates"] == 20 and math.isfinite(m["q_loss"]) and math.isfinite(m["normalized_score"])
@@ -166,8 +166,8 @@ def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
     assert len(ev["eval_returns"]) == 1
     with pytest.raises(emaq.UsageError, match="--q-hidden 32; pass the same"):
         emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], q_hidden=64)))
-    with pytest.raises(emaq.UsageError, match="found: local/hopper/tiny-v0"):
-        emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", cuda=False))
+    with pytest.raises(emaq.UsageError, match="local datasets: mujoco/hopper/local-v0"):
+        emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", download=False, cuda=False))
 
 
 # ------------------------------------------------------------ extreme settings: finite, or a loud stop
@@ -184,7 +184,7 @@ class NoWriter:
 def test_extreme_settings_keep_every_loss_finite(flags):
     torch.manual_seed(0)
     args = emaq.Args(batch_size=16, num_q=2, q_hidden=32, mu_embed=32, mu_steps=5, **flags)
-    learner = emaq.make_learner(args, "Hopper-v4", 3, 3, "cpu")  # actions in [-1, 1]^3
+    learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (3,)), 3, "cpu")
     with torch.no_grad():  # mu deems the first bin of each dimension all but impossible: ln p about -1000
         learner.behavior.heads[-1].bias[:, 0, 0] = -1e3
     action = torch.rand(64, 3) * 2 - 1
@@ -207,3 +207,13 @@ def test_a_non_finite_loss_stops_the_run_naming_the_flag(flags, message, tiny_da
                      n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, **flags)
     with pytest.raises(FloatingPointError, match=message):
         emaq.train(args)
+
+
+def test_table_3s_network_sizes_reach_the_networks():
+    args = emaq.Args(num_q=16, q_hidden=256, q_layers=4, mu_embed=256, mu_embed_layers=4, mu_hidden=128, mu_layers=1,
+                     n_bins=80)
+    learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (3,)), 5, "cpu")
+    shapes = lambda net: [tuple(m.weight.shape) for m in net if hasattr(m, "weight")]  # noqa: E731
+    assert shapes(learner.behavior.embed) == [(256, 5)] + [(256, 256)] * 4  # 4 hidden layers, then the embedding
+    assert shapes(learner.behavior.heads) == [(3, 256 + 3, 128), (3, 128, 80)]  # 1 hidden layer, 80 bins
+    assert shapes(learner.q_ensemble.net) == [(16, 5 + 3, 256)] + [(16, 256, 256)] * 3 + [(16, 256, 1)]

@@ -48,9 +48,9 @@ def test_a_dataset_reads_back_as_a_buffer_with_mu_centred_on_the_taken_actions(d
         e["observations"] = np.repeat(e["observations"], 11, -1).astype(np.float32)
         e["actions"] = np.repeat(e["actions"], 3, -1).astype(np.float32)
     qwr.write_dataset("local/hopper/unit-v0", eps, "Hopper-v4", "unit test")
-    buffer, env_id, refs = qwr.load_dataset("local/hopper/unit-v0", 0.4, "cpu")
+    buffer, env_spec, refs = qwr.load_dataset("local/hopper/unit-v0", False, 0.4, "cpu")
     d = {k: v[:, 0] for k, v in buffer.data.items()}
-    assert env_id == "Hopper-v4" and refs == pytest.approx((-20.272305, 3234.3)) and buffer.size == 12
+    assert env_spec.id == "Hopper-v4" and refs == pytest.approx((-20.272305, 3234.3)) and buffer.size == 12
     assert d["episode_end"].tolist() == [False, True] * 3 + [False] * 5 + [True]
     assert d["terminated"].nonzero().flatten().tolist() == [1]
     assert d["next_obs"][1, 0].item() == 1.5 and d["obs"][2, 0].item() == 2.0  # no crossing at the end
@@ -61,9 +61,9 @@ def test_a_dataset_reads_back_as_a_buffer_with_mu_centred_on_the_taken_actions(d
 
 def test_a_missing_dataset_lists_what_is_there_and_how_to_make_one(datasets_dir):
     with pytest.raises(qwr.UsageError) as error:
-        qwr.load_dataset("local/walker2d/missing-v0", 0.4, "cpu")
-    assert "found: none" in str(error.value)
-    assert "python qwr_continuous.py --env-id Walker2d-v4 --save-dataset local/walker2d/missing-v0" in str(error.value)
+        qwr.load_dataset("local/walker2d/missing-v0", False, 0.4, "cpu")
+    assert "local datasets: none" in str(error.value) and "--no-download" in str(error.value)
+    assert "python qwr_continuous.py --env-id Hopper-v4 --save-dataset local/hopper/replay-v0" in str(error.value)
 
 
 UPDATES = dict(critic_steps=4, actor_steps=4, batch_size=32, eval_every=2, eval_episodes=1, cuda=False, compile=False)
@@ -73,9 +73,9 @@ TINY = dict(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, bu
 def test_online_run_writes_both_datasets_then_trains_offline_from_one(datasets_dir):
     qwr.train(qwr.Args(**TINY, save_dataset="local/hopper/replay-v0", save_policy_dataset="local/hopper/policy-v0",
                        policy_dataset_episodes=3))
-    buffer, _, _ = qwr.load_dataset("local/hopper/replay-v0", 0.4, "cpu")
+    buffer, _, _ = qwr.load_dataset("local/hopper/replay-v0", False, 0.4, "cpu")
     assert buffer.size == 200  # every step collected
-    assert qwr.load_dataset("local/hopper/policy-v0", 0.4, "cpu")[0].data["episode_end"].sum() == 3
+    assert qwr.load_dataset("local/hopper/policy-v0", False, 0.4, "cpu")[0].data["episode_end"].sum() == 3
     m = qwr.train_offline(qwr.Args(**UPDATES, offline_dataset_id="local/hopper/replay-v0", offline_iterations=2))
     assert m["global_step"] == 2 and math.isfinite(m["critic_loss"])
     episodes = int(buffer.data["episode_end"].sum())  # the mean episode return of the 200 steps collected
@@ -97,4 +97,4 @@ def test_a_finished_checkpoint_writes_a_policy_dataset_without_training_more(dat
     again = qwr.train(qwr.Args(**TINY, checkpoint_path=m["checkpoint"], save_policy_dataset="local/hopper/late-v0",
                                policy_dataset_episodes=2))
     assert "critic_loss" not in again  # no iteration was left to run
-    assert qwr.load_dataset("local/hopper/late-v0", 0.4, "cpu")[0].data["episode_end"].sum() == 2
+    assert qwr.load_dataset("local/hopper/late-v0", False, 0.4, "cpu")[0].data["episode_end"].sum() == 2

@@ -170,7 +170,7 @@ INTERRUPTIBLE = {
         "step 100/", "step", "charts/SPS", EVERY_100, EVERY_100),
     # 30 steps of mu, then 400 Q updates evaluated every 100, on the tiny_dataset fixture's data.
     "emaq_offline.py": Interruptible(
-        ["--dataset-id", "local/hopper/tiny-v0", "--mu-steps", "30", "--num-updates", "400", "--eval-every", "100",
+        ["--dataset-id", "mujoco/hopper/local-v0", "--mu-steps", "30", "--num-updates", "400", "--eval-every", "100",
          "--eval-episodes", "1", "--n-samples", "2", "--num-q", "2", "--q-hidden", "32", "--mu-embed", "32",
          "--batch-size", "16", "--no-cuda"], "update 100/", "update", "charts/updates_per_second", EVERY_100,
         EVERY_100),
@@ -212,7 +212,7 @@ def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_
 
 SCRIPT_MODULES = {"qwr": qwr_continuous, "awr": awr_continuous, "iq": iq_continuous, "emaq": emaq_offline}
 # EMaQ's tiny run, on the tiny_dataset fixture's data.
-EMAQ_TINY = dict(dataset_id="local/hopper/tiny-v0", mu_steps=10, num_updates=10, eval_every=10, eval_episodes=1,
+EMAQ_TINY = dict(dataset_id="mujoco/hopper/local-v0", mu_steps=10, num_updates=10, eval_every=10, eval_episodes=1,
                  n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False)
 # The function each script calls once per gradient step, and a tiny run logged every 100 steps (or updates).
 STEPPED = {
@@ -278,7 +278,7 @@ def bad_checkpoints(script: str, good: str, tmp_path: Path) -> list:
         ckpt = torch.load(good, weights_only=False)
         ckpt["args"]["dataset_id"] = "local/walker2d/other-v0"
         torch.save(ckpt, tmp_path / "walker.pt")
-        return cases + [("walker.pt", {}, "walker.pt was trained on local/walker2d/other-v0, not local/hopper/tiny-v0"),
+        return cases + [("walker.pt", {}, "walker.pt was trained on local/walker2d/other-v0, not mujoco/hopper/local-v0"),
                         (good, dict(q_hidden=64), "has --q-hidden 32; pass the same")]
     cases += [(good, dict(env_id="Walker2d-v4"), "was trained on Hopper-v4, not Walker2d-v4"),
               (good, dict(buffer_size=2000), "resume with the checkpoint's --buffer-size")]
