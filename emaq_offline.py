@@ -48,6 +48,9 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the dataset and all updates live there)"""
+    compile: bool = True
+    """run the gradient steps of mu and of the Q-ensemble (target and sampling included) through torch.compile
+    (eager where it cannot compile)"""
     dataset_id: str = "mujoco/walker2d/medium-v0"
     """Minari dataset id: a standard one (mujoco/hopper/medium-v0, D4RL/kitchen/complete-v2, ...) or one made
     with qwr_continuous.py --save-dataset (see README)"""
@@ -374,7 +377,7 @@ class AutoregressiveBehavior(nn.Module):
             x = torch.cat([h, action * self.mask[i]], -1)
             for layer in self.heads:  # the i-th member of each batched layer
                 x = torch.addmm(layer.bias[i], x, layer.weight[i]) if isinstance(layer, EnsembleLinear) else layer(x)
-            label = torch.distributions.Categorical(logits=x).sample()
+            label = torch.multinomial(torch.softmax(x, -1), 1).squeeze(-1)  # (what Categorical.sample draws)
             action[:, i] = self.low[i] + (label + torch.rand_like(label, dtype=torch.float32)) * width[i]
         return action.view(-1, n_samples, self.act_dim)
 
@@ -427,54 +430,82 @@ def evaluate(args: Args, env_spec, learner: Learner, obs_mean, obs_std, device) 
     return returns
 
 
-def fit_behavior(args: Args, data: dict, learner: Learner, first_step: int, writer) -> tuple[dict, int]:
+def mu_step(args: Args, obs: torch.Tensor, action: torch.Tensor, learner: Learner) -> torch.Tensor:
+    """One maximum-likelihood step of mu on a batch (Appendix B); returns the NLL, on the device."""
+    loss = -learner.behavior.log_prob_bins(obs, action).mean()
+    learner.mu_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.mu_opt.step()
+    return loss.detach()
+
+
+def fit_behavior(args: Args, data: dict, learner: Learner, first_step: int, writer,
+                 step=mu_step) -> tuple[dict, int]:
     """Alg. 1's "pretrain mu(a|s) on D": maximum likelihood of the dataset's actions
-    (Appendix B), from first_step to --mu-steps. Returns the last logged NLL and the
-    step reached (--mu-steps, unless a Stop came first)."""
+    (Appendix B), from first_step to --mu-steps; `step` is mu_step or its compiled twin.
+    Returns the last logged NLL and the step reached (--mu-steps, unless a Stop came first)."""
     num_transitions, device = len(data["reward"]), data["reward"].device
     metrics, start = {}, time.time()
-    for step in range(first_step, args.mu_steps):
+    for i in range(first_step, args.mu_steps):
         if Stop.signal:  # the safe point: between two gradient steps; a resumed run goes on from here
-            return metrics, step
-        i = torch.randint(0, num_transitions, (args.batch_size,), device=device)
-        loss = -learner.behavior.log_prob_bins(data["obs"][i], data["action"][i]).mean()
-        learner.mu_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        learner.mu_opt.step()
-        if (step + 1) % 1000 == 0 or step + 1 == args.mu_steps:
+            return metrics, i
+        batch = torch.randint(0, num_transitions, (args.batch_size,), device=device)
+        loss = step(args, data["obs"][batch], data["action"][batch], learner)
+        if (i + 1) % 1000 == 0 or i + 1 == args.mu_steps:
             metrics["mu_nll"] = loss.item()
             if not math.isfinite(metrics["mu_nll"]):
-                raise non_finite(args, f"non-finite mu NLL at mu step {step + 1}")
-            writer.add_scalar("losses/mu_nll", metrics["mu_nll"], step + 1)
-            if (step + 1) % 10_000 == 0 or step + 1 == args.mu_steps:
-                print(f"mu step {step + 1}/{args.mu_steps} | nll {metrics['mu_nll']:.3f} | "
-                      f"{(step + 1 - first_step) / (time.time() - start):.0f} steps/s", flush=True)
+                raise non_finite(args, f"non-finite mu NLL at mu step {i + 1}")
+            writer.add_scalar("losses/mu_nll", metrics["mu_nll"], i + 1)
+            if (i + 1) % 10_000 == 0 or i + 1 == args.mu_steps:
+                print(f"mu step {i + 1}/{args.mu_steps} | nll {metrics['mu_nll']:.3f} | "
+                      f"{(i + 1 - first_step) / (time.time() - start):.0f} steps/s", flush=True)
     return metrics, max(first_step, args.mu_steps)
 
 
-def train_q(args: Args, data: dict, learner: Learner, n_updates: int) -> tuple[dict, int]:
-    """n_updates passes of Alg. 1's "while not converged" loop; returns the mean loss and Q,
-    and the updates done (n_updates, unless a Stop came first)."""
+def q_step(args: Args, batch: dict, learner: Learner) -> torch.Tensor:
+    """One pass of Alg. 1's loop on a batch: the Expected-Max target from N actions of mu, a
+    gradient step of every member, the targets' EMA; returns (loss, mean Q), on the device."""
+    # Eq. 11: y = r + gamma (1 - t) max_i Ensemble(Q_target(s', a'_i)), N actions a'_i ~ mu(.|s').
+    y = emaq_target(batch, learner.behavior, learner.target_q, args.n_samples, args.ensemble_lambda, args.gamma)
+    q = learner.q_ensemble(batch["obs"], batch["action"])  # [K, B]
+    loss = (q - y).pow(2).mean(1).sum()  # Eq. 10: each member regresses on the shared target
+    learner.q_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.q_opt.step()
+    with torch.no_grad():  # Alg. 1: theta_target <- ema * theta_target + (1 - ema) * theta
+        for p, tp in zip(learner.q_ensemble.parameters(), learner.target_q.parameters()):
+            tp.lerp_(p, 1 - args.ema)
+    return torch.stack([loss.detach(), q.detach().mean()])
+
+
+def train_q(args: Args, data: dict, learner: Learner, n_updates: int, step=q_step) -> tuple[dict, int]:
+    """n_updates passes of Alg. 1's "while not converged" loop (`step` is q_step or its compiled
+    twin); returns the mean loss and Q, and the updates done (n_updates, unless a Stop came first)."""
     num_transitions, device = len(data["reward"]), data["reward"].device
     sums, taken = torch.zeros(2, device=device), 0
     for _ in range(n_updates):
         if Stop.signal:  # the safe point: between two gradient steps
             break
         i = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # Alg. 1: a batch from D
-        batch = {k: v[i] for k, v in data.items()}
-        # Eq. 11: y = r + gamma (1 - t) max_i Ensemble(Q_target(s', a'_i)), N actions a'_i ~ mu(.|s').
-        y = emaq_target(batch, learner.behavior, learner.target_q, args.n_samples, args.ensemble_lambda, args.gamma)
-        q = learner.q_ensemble(batch["obs"], batch["action"])  # [K, B]
-        loss = (q - y).pow(2).mean(1).sum()  # Eq. 10: each member regresses on the shared target
-        learner.q_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        learner.q_opt.step()
-        with torch.no_grad():  # Alg. 1: theta_target <- ema * theta_target + (1 - ema) * theta
-            for p, tp in zip(learner.q_ensemble.parameters(), learner.target_q.parameters()):
-                tp.lerp_(p, 1 - args.ema)
-        sums, taken = sums + torch.stack([loss.detach(), q.detach().mean()]), taken + 1
+        sums, taken = sums + step(args, {k: v[i] for k, v in data.items()}, learner), taken + 1
     q_loss, q_mean = (sums / max(1, taken)).tolist()
     return {"q_loss": q_loss, "q_mean": q_mean}, taken
+
+
+def compiled(fn, args: Args, device: torch.device):
+    """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
+    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
+    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    if not args.compile:
+        return fn
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except Exception as e:
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {first_line(e)[:100]}); "
+              "running eager")
+        return fn
+    torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
+    return torch.compile(fn)
 
 
 # ----------------------------------------------------------------------------
@@ -630,14 +661,14 @@ def train(args: Args) -> dict:
         writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
 
     # 1. Alg. 1: pretrain mu on D (a resumed run goes on from the checkpoint's step).
-    mu_metrics, mu_done = fit_behavior(args, data, learner, mu_done, writer)
+    mu_metrics, mu_done = fit_behavior(args, data, learner, mu_done, writer, compiled(mu_step, args, device))
     metrics |= mu_metrics
 
     # 2. Alg. 1's loop, in stretches that end at a multiple of --eval-every (or the last update).
-    updates, start, eval_seconds = q_done, time.time(), 0.0
+    updates, start, eval_seconds, q_update = q_done, time.time(), 0.0, compiled(q_step, args, device)
     while updates < args.num_updates and not Stop.signal:
         n_updates = min(args.eval_every - updates % args.eval_every, args.num_updates - updates)
-        stretch, taken = train_q(args, data, learner, n_updates)
+        stretch, taken = train_q(args, data, learner, n_updates, q_update)
         updates += taken
         if taken < n_updates:  # a Stop cut the stretch short: the resumed run finishes it and logs it
             break

@@ -47,6 +47,8 @@ class Args:
     """make torch's algorithms deterministic (same seed, same numbers)"""
     cuda: bool = True
     """use CUDA when it is available (the replay buffer and all updates live there)"""
+    compile: bool = True
+    """run the critic and actor steps through torch.compile (eager where it cannot compile)"""
     env_id: str = "BreakoutNoFrameskip-v4"
     """an Atari game: <Game>NoFrameskip-v4, or ALE/<Game>-v5 (made with frame skip 1, no sticky actions)"""
     total_timesteps: int = 100_000
@@ -423,8 +425,28 @@ def evaluate(args: Args, actor, device, seed: int, video_folder: Optional[str] =
     return returns
 
 
-def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_opt) -> dict:
-    """Algorithm 2 lines 6-15 with k actions from the stored categorical mu at s'."""
+def critic_step(args: Args, b: dict, critic, target, critic_opt) -> torch.Tensor:
+    """One critic gradient step on a batch b of T-step slices (Algorithm 2 lines 12-14), with k
+    actions from the stored categorical mu at s'; returns (loss, mean Q) as one tensor, on the device."""
+    with torch.no_grad():
+        next_q = target(b["next_obs"])  # [B, T, A]
+        B, T, A = next_q.shape
+        # Alg. 2 l.12: k actions a' ~ mu(.|s'). (+1e-12: slices past the newest step read unwritten zero
+        # rows, whose targets "last" discards)
+        sampled = torch.multinomial(b["next_mu"].reshape(B * T, A) + 1e-12, args.n_samples, replacement=True)
+        bootstrap = backup_values(next_q.reshape(B * T, A).gather(-1, sampled).view(B, T, -1),
+                                  args.backup, args.tau, args.backup_scale)
+        y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
+    q = critic(b["obs"]).gather(-1, b["action"][:, :1]).squeeze(-1)
+    loss = ((q - y) / critic.out_scale).pow(2).mean()  # Alg. 2 l.14
+    critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    critic_opt.step()
+    return torch.stack([loss.detach(), q.detach().mean()])
+
+
+def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_opt, step=critic_step) -> dict:
+    """Algorithm 2 lines 6-15; `step` is critic_step or its compiled twin."""
     sums, taken = torch.zeros(2, device=buffer.device), 0
     for i in range(args.critic_steps):
         if Stop.signal:
@@ -432,40 +454,48 @@ def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_o
         if i % args.target_update_every == 0:  # Alg. 2 l.8-9
             target.load_state_dict(critic.state_dict())
         b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11
-        with torch.no_grad():
-            next_q = target(b["next_obs"])  # [B, T, A]
-            B, T, A = next_q.shape
-            # Alg. 2 l.12: k actions a' ~ mu(.|s'). (+1e-12: slices past the newest step read unwritten zero
-            # rows, whose targets "last" discards)
-            sampled = torch.multinomial(b["next_mu"].reshape(B * T, A) + 1e-12, args.n_samples, replacement=True)
-            bootstrap = backup_values(next_q.reshape(B * T, A).gather(-1, sampled).view(B, T, -1),
-                                      args.backup, args.tau, args.backup_scale)
-            y = td_lambda_targets(b["reward"], bootstrap, b["terminated"], b["last"], args.gamma, args.td_lambda)
-        q = critic(b["obs"]).gather(-1, b["action"][:, :1]).squeeze(-1)
-        loss = ((q - y) / critic.out_scale).pow(2).mean()  # Alg. 2 l.14
-        critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        critic_opt.step()
-        sums, taken = sums + torch.stack([loss.detach(), q.detach().mean()]), taken + 1
+        sums, taken = sums + step(args, b, critic, target, critic_opt), taken + 1
     loss, q_mean = (sums / max(1, taken)).tolist()
     return {"critic_loss": loss, "q_mean": q_mean}
 
 
-def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt) -> dict:
-    """Algorithm 2 lines 16-22, summed exactly over the actions (Section 4.1)."""
+def actor_step(args: Args, b: dict, actor, critic, actor_opt) -> torch.Tensor:
+    """One actor gradient step (Algorithm 2 lines 18-21), summed exactly over the actions
+    (Section 4.1); returns the loss, on the device."""
+    with torch.no_grad():
+        q = critic(b["obs"])
+    loss = exact_actor_loss(actor(b["obs"]), b["mu"][:, 0], q, args.beta, args.max_weight)
+    actor_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    actor_opt.step()
+    return loss.detach()
+
+
+def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt, step=actor_step) -> dict:
+    """Algorithm 2 lines 16-22; `step` is actor_step or its compiled twin."""
     sums, taken = torch.zeros(1, device=buffer.device), 0
     for _ in range(args.actor_steps):
         if Stop.signal:
             break
         b = buffer.sample(args.batch_size, 1)
-        with torch.no_grad():
-            q = critic(b["obs"])
-        loss = exact_actor_loss(actor(b["obs"]), b["mu"][:, 0], q, args.beta, args.max_weight)
-        actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        actor_opt.step()
-        sums, taken = sums + loss.detach(), taken + 1
+        sums, taken = sums + step(args, b, actor, critic, actor_opt), taken + 1
     return {"actor_loss": (sums / max(1, taken)).item()}
+
+
+def compiled(fn, args: Args, device: torch.device):
+    """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
+    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
+    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    if not args.compile:
+        return fn
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except Exception as e:
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+              "running eager")
+        return fn
+    torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
+    return torch.compile(fn)
 
 
 # ----------------------------------------------------------------------------
@@ -587,6 +617,7 @@ def train(args: Args) -> dict:
     table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_iterations = args.total_timesteps // args.steps_per_iteration
+    critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
     print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
     # A resumed run restarts its games; a new seed keeps them from repeating the first iteration's.
     obs, _ = envs.reset(seed=args.seed + start)
@@ -601,8 +632,8 @@ def train(args: Args) -> dict:
         for ret, length in episodes:
             writer.add_scalar("charts/episodic_return", ret, global_step)
             writer.add_scalar("charts/episodic_length", length, global_step)
-        metrics = train_critic(args, buffer, critic, target, critic_opt)  # Alg. 2 l.6-15
-        metrics |= train_actor(args, buffer, actor, critic, actor_opt)  # Alg. 2 l.16-22
+        metrics = train_critic(args, buffer, critic, target, critic_opt, critic_update)  # Alg. 2 l.6-15
+        metrics |= train_actor(args, buffer, actor, critic, actor_opt, actor_update)  # Alg. 2 l.16-22
         if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
             changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE
                        if getattr(args, k) != getattr(Args(), k)]

@@ -184,9 +184,52 @@ def bench_awr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
                 iteration={m: statistics.median(seconds) + n_updates * s / 2 for m, s in step.items()})
 
 
+def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
+    """qwr_atari.py on Breakout at its defaults: 1000 interactions, 1000 critic and 1000 actor steps
+    (batch 256, 3-step targets). Its steps are slow on a CPU: a tenth of --steps per round."""
+    import numpy as np
+
+    import qwr_atari as qa
+
+    args = qa.Args()
+    envs = qa.make_vec_env(args.env_id, 1, args.train_episode_steps, args.noop_max)
+    n_actions = envs.single_action_space.n
+    actor = qa.Actor(n_actions, args.torso).to(device)
+    critic = qa.QNetwork(n_actions, args.torso, 1 / (1 - args.gamma), args.critic_head).to(device)
+    target = qa.copy.deepcopy(critic).requires_grad_(False)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+    buffer = qa.FrameReplayBuffer(args.buffer_size, 1, n_actions, device)
+    obs, _ = envs.reset(seed=0)
+    buffer.push_frames(obs[:, -1], np.arange(1), new_episode=True)
+    collect_seconds = []
+    for _ in range(3):  # a replay buffer of real frames, and the time collection takes
+        start = time.perf_counter()
+        obs, _ = qa.collect(envs, obs, args.steps_per_iteration, actor, buffer, device)
+        collect_seconds.append(time.perf_counter() - start)
+    envs.close()
+
+    def updates(fns, n: int) -> None:
+        short = replace(args, critic_steps=n, actor_steps=n)
+        qa.train_critic(short, buffer, critic, target, critic_opt, fns[0])
+        qa.train_actor(short, buffer, actor, critic, actor_opt, fns[1])
+
+    with FlopCounterMode(display=False) as counter:
+        updates((qa.critic_step, qa.actor_step), 1)
+    start = time.perf_counter()
+    fast = (qa.compiled(qa.critic_step, args, device), qa.compiled(qa.actor_step, args, device))
+    updates(fast, 3)
+    compile_seconds = time.perf_counter() - start
+    modes = {"eager": (qa.critic_step, qa.actor_step), "compiled": fast}
+    step = time_modes(modes, updates, device, rounds, max(1, steps // 10))  # a critic + an actor step
+    return dict(script="qwr_atari.py", task="Breakout", flops=counter.get_total_flops(), updates_per_step=2,
+                step=step, compile_seconds=compile_seconds,
+                iteration={m: statistics.median(collect_seconds) + args.critic_steps * s for m, s in step.items()})
+
+
 BENCHES = {"qwr_continuous.py": bench_qwr_continuous, "iq_continuous.py": bench_iq_continuous,
-           "awr_continuous.py": bench_awr_continuous}
-NOT_YET = ("qwr_atari.py", "emaq_offline.py")  # no --compile yet
+           "awr_continuous.py": bench_awr_continuous, "qwr_atari.py": bench_qwr_atari}
+NOT_YET = ("emaq_offline.py",)  # no --compile yet
 
 
 def machine(device: torch.device) -> str:
@@ -215,7 +258,8 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
               "logging lines (1000 environment steps, then 1000 critic and 1000 actor steps), an update being one "
               "critic or one actor step; for iq_continuous.py 1000 environment steps, each followed by its "
               "update; for awr_continuous.py 2048 environment steps, the buffer's returns twice, 200 critic and "
-              "1000 actor steps (at the mean time of a critic and an actor step). Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
+              "1000 actor steps (at the mean time of a critic and an actor step); for qwr_atari.py 1000 "
+              "interactions, then 1000 critic and 1000 actor steps. Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 the ensemble's target, a run from a Minari dataset made by qwr_continuous.py, and
 extreme settings, finite or stopped loudly."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -158,7 +159,8 @@ def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])  # (conftest.py: 200 steps of qwr_continuous.py)
     monkeypatch.chdir(tmp_path)
     args = emaq.Args(dataset_id="mujoco/hopper/local-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
-                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, save_model=True)
+                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, compile=False,
+                     save_model=True)
     m = emaq.train(args)
     assert m["updates"] == 20 and math.isfinite(m["q_loss"]) and math.isfinite(m["normalized_score"])
     assert m["mu_nll"] < 3 * math.log(40)  # mu has learned: below the uniform model over 40 bins in 3 dims
@@ -167,7 +169,7 @@ def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
     with pytest.raises(emaq.UsageError, match="--q-hidden 32; pass the same"):
         emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], q_hidden=64)))
     with pytest.raises(emaq.UsageError, match="local datasets: mujoco/hopper/local-v0"):
-        emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", download=False, cuda=False))
+        emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", download=False, cuda=False, compile=False))
 
 
 # ------------------------------------------------------------ extreme settings: finite, or a loud stop
@@ -204,7 +206,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_flag(flags, message, tiny_da
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
     monkeypatch.chdir(tmp_path)
     args = emaq.Args(dataset_id=tiny_dataset[1], mu_steps=5, num_updates=10, eval_every=10, eval_episodes=0,
-                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, **flags)
+                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, compile=False, **flags)
     with pytest.raises(FloatingPointError, match=message):
         emaq.train(args)
 
@@ -217,3 +219,27 @@ def test_table_3s_network_sizes_reach_the_networks():
     assert shapes(learner.behavior.embed) == [(256, 5)] + [(256, 256)] * 4  # 4 hidden layers, then the embedding
     assert shapes(learner.behavior.heads) == [(3, 256 + 3, 128), (3, 128, 80)]  # 1 hidden layer, 80 bins
     assert shapes(learner.q_ensemble.net) == [(16, 5 + 3, 256)] + [(16, 256, 256)] * 3 + [(16, 256, 1)]
+
+
+def test_compiled_updates_give_the_eager_losses():
+    # Three mu steps and three Q updates (N actions sampled from mu for each target) from the same seed
+    # and batches, eager and through torch.compile (the default, --compile). Compiled kernels sum float32
+    # in another order, so the losses agree to rounding, not bit for bit (measured: relative 1e-7).
+    args = emaq.Args(batch_size=16, num_q=2, q_hidden=32, mu_embed=32, mu_steps=3, n_samples=4)
+    torch.manual_seed(0)
+    data = dict(obs=torch.randn(64, 3), next_obs=torch.randn(64, 3), action=torch.rand(64, 2) * 2 - 1,
+                reward=torch.randn(64), terminated=torch.rand(64) < 0.1)
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(1)
+        learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (2,)), 3, "cpu")
+        mu_update = emaq.compiled(emaq.mu_step, dataclasses.replace(args, compile=compile_), torch.device("cpu"))
+        q_update = emaq.compiled(emaq.q_step, dataclasses.replace(args, compile=compile_), torch.device("cpu"))
+        assert (q_update is emaq.q_step) != compile_
+        torch.manual_seed(2)  # the same batches and sampled actions
+        metrics, _ = emaq.fit_behavior(args, data, learner, 0, NoWriter(), mu_update)
+        metrics |= emaq.train_q(args, data, learner, 3, q_update)[0]
+        results.append(metrics)
+    eager, fast = results
+    for key in eager:
+        assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key

@@ -3,6 +3,7 @@ stacked observations it replaces, the exact discrete actor loss, the sampled
 backups against their exact expectations, the wiring of the critic and actor
 updates (stub networks), a smoke run and its errors."""
 
+import dataclasses
 import math
 import re
 
@@ -239,8 +240,40 @@ def test_actor_regresses_on_the_stored_mu_at_s_weighted_by_the_critic_at_s():
 def tiny(**overrides) -> qa.Args:
     base = dict(env_id="PongNoFrameskip-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=3,
                 actor_steps=3, batch_size=8, buffer_size=500, eval_every=2, eval_episodes=1,
-                eval_episode_steps=50, train_episode_steps=40, cuda=False)
+                eval_episode_steps=50, train_episode_steps=40, cuda=False, compile=False)
     return qa.Args(**(base | overrides))
+
+
+def test_compiled_updates_give_the_eager_losses():
+    # Two critic and two actor steps from the same seed and the same batches (frames from a few steps
+    # of Pong), eager and through torch.compile (the default, --compile). Compiled kernels sum float32
+    # in another order, so the losses agree to rounding, not bit for bit (measured: relative 1e-6).
+    args = tiny(critic_steps=2, actor_steps=2, target_update_every=1, batch_size=4, target_horizon=2)
+    envs = qa.make_vec_env(args.env_id, 1, args.train_episode_steps, args.noop_max)
+    torch.manual_seed(0)
+    actor = qa.Actor(envs.single_action_space.n, args.torso)
+    buffer = qa.FrameReplayBuffer(100, 1, envs.single_action_space.n, "cpu")
+    obs, _ = envs.reset(seed=0)
+    buffer.push_frames(obs[:, -1], np.arange(1), new_episode=True)
+    qa.collect(envs, obs, 30, actor, buffer, "cpu")
+    envs.close()
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(1)
+        actor = qa.Actor(envs.single_action_space.n, args.torso)
+        critic = qa.QNetwork(envs.single_action_space.n, args.torso, 100.0, args.critic_head)
+        target = qa.copy.deepcopy(critic).requires_grad_(False)
+        actor_opt, critic_opt = torch.optim.Adam(actor.parameters(), 1e-3), torch.optim.Adam(critic.parameters(), 1e-3)
+        critic_update = qa.compiled(qa.critic_step, dataclasses.replace(args, compile=compile_), torch.device("cpu"))
+        actor_update = qa.compiled(qa.actor_step, dataclasses.replace(args, compile=compile_), torch.device("cpu"))
+        assert (critic_update is qa.critic_step) != compile_
+        torch.manual_seed(2)  # the same batches and sampled actions
+        m = qa.train_critic(args, buffer, critic, target, critic_opt, critic_update)
+        m |= qa.train_actor(args, buffer, actor, critic, actor_opt, actor_update)
+        results.append(m)
+    eager, fast = results
+    for key in eager:
+        assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
 def test_smoke_run_checkpoint_resume_and_eval(tmp_path, monkeypatch):

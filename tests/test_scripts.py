@@ -159,7 +159,7 @@ INTERRUPTIBLE = {
         ["--env-id", "PongNoFrameskip-v4", "--total-timesteps", "400", "--steps-per-iteration", "100",
          "--critic-steps", "40", "--actor-steps", "40", "--batch-size", "8", "--buffer-size", "500",
          "--eval-every", "4", "--eval-episodes", "1", "--eval-episode-steps", "50",
-         "--train-episode-steps", "40", "--no-cuda"], "iter 1/", "iteration", "charts/SPS", EVERY_100, [400]),
+         "--train-episode-steps", "40", "--no-cuda", "--no-compile"], "iter 1/", "iteration", "charts/SPS", EVERY_100, [400]),
     "awr_continuous.py": Interruptible(
         [*HOPPER, "--total-timesteps", "400", "--samples-per-iteration", "100", "--critic-steps", "300",
          "--actor-steps", "300", "--eval-every", "4", "--no-compile"], "iter 1/", "iteration", "charts/SPS",
@@ -172,7 +172,7 @@ INTERRUPTIBLE = {
     "emaq_offline.py": Interruptible(
         ["--dataset-id", "mujoco/hopper/local-v0", "--mu-steps", "30", "--num-updates", "400", "--eval-every", "100",
          "--eval-episodes", "1", "--n-samples", "2", "--num-q", "2", "--q-hidden", "32", "--mu-embed", "32",
-         "--batch-size", "16", "--no-cuda"], "update 100/", "update", "charts/updates_per_second", EVERY_100,
+         "--batch-size", "16", "--no-cuda", "--no-compile"], "update 100/", "update", "charts/updates_per_second", EVERY_100,
         EVERY_100),
 }
 
@@ -213,7 +213,7 @@ def test_a_signal_saves_the_run_and_the_printed_command_finishes_it_in_the_same_
 SCRIPT_MODULES = {"qwr": qwr_continuous, "awr": awr_continuous, "iq": iq_continuous, "emaq": emaq_offline}
 # EMaQ's tiny run, on the tiny_dataset fixture's data.
 EMAQ_TINY = dict(dataset_id="mujoco/hopper/local-v0", mu_steps=10, num_updates=10, eval_every=10, eval_episodes=1,
-                 n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False)
+                 n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, compile=False)
 # The function each script calls once per gradient step, and a tiny run logged every 100 steps (or updates).
 STEPPED = {
     "iq": ("update", dict(total_timesteps=400, learning_starts=100, eval_every=100, eval_episodes=0)),
