@@ -27,7 +27,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -229,6 +229,7 @@ class DatasetInfo:
     action_space: gym.spaces.Box  # mu's bins span its bounds
     refs: Optional[tuple]  # (random, expert) returns for the normalised score, or None
     mean_return: float  # of the dataset's episodes
+    discounted_return: float  # the mean over its steps of sum_k gamma^k r_(t+k) to the episode's end: what Q nears
 
 
 def eval_env_spec(dataset, dataset_id: str):
@@ -246,7 +247,7 @@ def eval_env_spec(dataset, dataset_id: str):
     return spec
 
 
-def load_transitions(dataset_id: str, download: bool, device) -> tuple[dict, DatasetInfo]:
+def load_transitions(dataset_id: str, download: bool, device, gamma: float = 0.99) -> tuple[dict, DatasetInfo]:
     """A Minari dataset as flat transitions (s, a, r, s', terminated) on the device, and what
     evaluating against it needs; or a clear error."""
     dataset = open_dataset(dataset_id, download)
@@ -257,7 +258,7 @@ def load_transitions(dataset_id: str, download: bool, device) -> tuple[dict, Dat
     if not isinstance(action_space, gym.spaces.Box):
         raise UsageError(f"emaq_offline.py needs continuous (Box) actions; {dataset_id} has {action_space}")
     parts = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminated")}
-    episode_returns = []
+    episode_returns, to_go = [], []
     for ep in dataset.iterate_episodes():
         obs = flat_obs(obs_space, ep.observations)
         parts["obs"].append(obs[:-1])
@@ -266,13 +267,17 @@ def load_transitions(dataset_id: str, download: bool, device) -> tuple[dict, Dat
         parts["reward"].append(ep.rewards)
         parts["terminated"].append(ep.terminations)  # a truncation is not terminal: it bootstraps
         episode_returns.append(float(ep.rewards.sum()))
+        g = 0.0
+        for r in ep.rewards[::-1]:  # the discounted return from each step to the end of the data
+            g = float(r) + gamma * g
+            to_go.append(g)
     data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
     for k in ("obs", "action", "reward", "next_obs"):
         data[k] = data[k].float()
     meta = dataset.storage.metadata
     refs = ((meta["ref_min_score"], meta["ref_max_score"]) if meta.get("ref_max_score") is not None
             else D4RL_REF_SCORES.get(spec.id.split("/")[-1].split("-")[0]))  # D4RL's, for its MuJoCo tasks
-    return data, DatasetInfo(spec, action_space, refs, float(np.mean(episode_returns)))
+    return data, DatasetInfo(spec, action_space, refs, float(np.mean(episode_returns)), float(np.mean(to_go)))
 
 
 def normalized_score(ret: float, refs: tuple) -> float:
@@ -638,7 +643,7 @@ def train(args: Args) -> dict:
     targets, evaluating every --eval-every updates; returns the final metrics."""
     check_args(args)
     device = seed_and_device(args)
-    data, info = load_transitions(args.dataset_id, args.download, device)
+    data, info = load_transitions(args.dataset_id, args.download, device, args.gamma)
     env_spec, refs, dataset_return = info.env_spec, info.refs, info.mean_return
     num_transitions, obs_dim = len(data["reward"]), data["obs"].shape[1]
     # Observations are standardised with the dataset's statistics (fixed: the data is).
@@ -657,12 +662,21 @@ def train(args: Args) -> dict:
     print(f"EMaQ (N={args.n_samples}) on {args.dataset_id}: {num_transitions} transitions of {env_spec.id}, dataset "
           f"return {with_score(dataset_return, refs)}; logs in runs/{run_name} ({device})")
     metrics: dict = {"eval_return": float("nan"), "dataset_return": dataset_return}
-    if not saved_name:  # (a resumed run has logged it)
+    if not saved_name:  # (a resumed run has logged them)
         writer.add_scalar("charts/dataset_return", dataset_return, 0)  # what EMaQ should beat
+        # Q's scale: the dataset's discounted returns to go (on datasets whose episodes were cut short by a
+        # time limit, the values Q estimates also count the rewards after the cut).
+        writer.add_scalar("charts/dataset_discounted_return", info.discounted_return, 0)
 
     # 1. Alg. 1: pretrain mu on D (a resumed run goes on from the checkpoint's step).
     mu_metrics, mu_done = fit_behavior(args, data, learner, mu_done, writer, compiled(mu_step, args, device))
     metrics |= mu_metrics
+    if q_done == 0 and args.eval_episodes > 0 and not Stop.signal:  # mu's own return: the EMaQ policy at N = 1
+        metrics["behavior_return"] = float(evaluate(replace(args, n_samples=1), env_spec, learner, obs_mean, obs_std,
+                                                    device).mean())
+        writer.add_scalar("charts/behavior_return", metrics["behavior_return"], 0)
+        print(f"mu alone (N = 1): eval return {with_score(metrics['behavior_return'], refs)}; the dataset's "
+              f"discounted return to go, the scale of Q: {info.discounted_return:.1f}", flush=True)
 
     # 2. Alg. 1's loop, in stretches that end at a multiple of --eval-every (or the last update).
     updates, start, eval_seconds, q_update = q_done, time.time(), 0.0, compiled(q_step, args, device)

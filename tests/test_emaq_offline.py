@@ -163,6 +163,7 @@ def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
                      save_model=True)
     m = emaq.train(args)
     assert m["updates"] == 20 and math.isfinite(m["q_loss"]) and math.isfinite(m["normalized_score"])
+    assert math.isfinite(m["behavior_return"])  # mu alone, evaluated once before the Q loop
     assert m["mu_nll"] < 3 * math.log(40)  # mu has learned: below the uniform model over 40 bins in 3 dims
     ev = emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], eval_only=True)))
     assert len(ev["eval_returns"]) == 1
@@ -243,3 +244,15 @@ def test_compiled_updates_give_the_eager_losses():
     eager, fast = results
     for key in eager:
         assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_datasets_discounted_return_restarts_at_every_episode(tiny_dataset, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
+    import minari
+
+    episodes = list(minari.load_dataset(tiny_dataset[1]).iterate_episodes())
+    assert len(episodes) > 1
+    to_go = [sum(0.9**k * r for k, r in enumerate(ep.rewards[t:])) for ep in episodes for t in range(len(ep.rewards))]
+    _, info = emaq.load_transitions(tiny_dataset[1], False, "cpu", gamma=0.9)
+    assert info.discounted_return == pytest.approx(np.mean(to_go), rel=1e-9)
+    assert info.mean_return == pytest.approx(np.mean([ep.rewards.sum() for ep in episodes]), rel=1e-6)
