@@ -39,7 +39,8 @@ def method_of(hp: dict) -> str:
     script = hp.get("exp_name", "?")
     if script.startswith("qwr"):
         backup = {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
-        return f"QWR-{backup}" + (" offline" if offline_dataset(hp) else "")
+        trax = (hp.get("critic_lr"), hp.get("target_update_every"), hp.get("buffer_size")) == ("0.001", "50", "100000")
+        return f"QWR-{backup}" + (" (Trax config)" if trax else "") + (" offline" if offline_dataset(hp) else "")
     if script == "iq_continuous":
         munchausen = float(hp.get("alpha", 0)) > 0
         if hp.get("residual") == "True":

@@ -48,6 +48,14 @@ ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v
 QWR_1M = ["--total-timesteps", "1000000", "--tau", "1.0", "--backup-scale", "std"]  # Appendix 6.1
 IQ_100K = ["--total-timesteps", "100000"]
 DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # see README: offline workflow
+# EMaQ's N-effect (Fig. 1) at a size this CPU finishes (README: "EMaQ's N on a CPU"): Pendulum-v1 datasets made by
+# qwr_continuous.py, a medium policy's episodes and a training run's replay; narrow networks (64 units), batch 100 as
+# in Appendix G.2, 20K updates.
+DATASETS_N = ["local/pendulum/qwr-medium-v0", "local/pendulum/qwr-replay-v0"]
+EMAQ_N = ["--q-hidden", "64", "--mu-embed", "64", "--mu-hidden", "64", "--batch-size", "100", "--mu-steps", "5000",
+          "--num-updates", "20000", "--eval-every", "2000", "--no-download"]
+# The authors' later Trax configuration of QWR (critic lr 1e-3, target synced every 50 critic steps, 100K buffer).
+QWR_TRAX = ["--backup", "lse", "--critic-lr", "1e-3", "--target-update-every", "50", "--buffer-size", "100000"]
 # EMaQ at Table 2's sizes needs a GPU (2.6 s per N = 10 update on one thread of this CPU); this fits a CPU.
 EMAQ_CPU = ["--q-hidden", "256", "--mu-embed", "256", "--mu-steps", "5000", "--num-updates", "1000",
             "--eval-every", "250", "--eval-episodes", "5"]
@@ -72,6 +80,7 @@ EMAQ_TABLE1 = {"D4RL/kitchen/complete-v2": 64, "D4RL/kitchen/partial-v2": 8, "D4
 GRIDS = {
     "qwr-table1": [  # QWR paper Table 1: MuJoCo at 100K samples
         ("QWR-LSE", "qwr_continuous.py", ["--backup", "lse"], MUJOCO),
+        ("QWR-LSE (Trax config)", "qwr_continuous.py", QWR_TRAX, ["Hopper-v4"]),  # issue: the Hopper gap
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
         ("QWR-AVG", "qwr_continuous.py", ["--backup", "mean"], MUJOCO),
         ("AWR", "awr_continuous.py", [], MUJOCO),
@@ -100,6 +109,11 @@ GRIDS = {
           for n in (5, 10, 25, 50, 100, 200, 400)),
         *((f"EMaQ N={n} (Table 3)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_TABLE3], [dataset])
           for dataset, n in EMAQ_TABLE1.items()),
+    ],
+    "emaq-n": [  # EMaQ at N = 1 (mu itself), 5, 10 and 50, with offline QWR, on two datasets of different quality
+        *((f"EMaQ N={n} (Q 64, mu 64 units, 20000 updates)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_N],
+           DATASETS_N) for n in (1, 5, 10, 50)),
+        ("QWR-LSE offline", "qwr_continuous.py", ["--no-download"], DATASETS_N),
     ],
     "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation (Fig. 2), at a 100K-step budget
         ("M-IQ", "iq_continuous.py", IQ_100K, ["HalfCheetah-v4", "Walker2d-v4"]),
