@@ -227,9 +227,42 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
                 iteration={m: statistics.median(collect_seconds) + args.critic_steps * s for m, s in step.items()})
 
 
+def bench_emaq_offline(device: torch.device, rounds: int, steps: int) -> list[dict]:
+    """emaq_offline.py's Q updates (N = 10 actions from mu per next state), at Table 2's sizes on
+    Hopper's dimensions (a fiftieth of --steps per round on a CPU) and at the emaq-n grid's size on
+    Pendulum's; random transitions stand in for a dataset (the speed does not depend on them)."""
+    import emaq_offline as emaq
+
+    settings = [("Hopper dims, Table 2 sizes", 11, 3, emaq.Args(), steps if device.type == "cuda" else steps // 50),
+                ("Pendulum dims, emaq-n sizes", 3, 1, emaq.Args(q_hidden=64, mu_embed=64, mu_hidden=64, batch_size=100),
+                 steps)]
+    results = []
+    for task, obs_dim, act_dim, args, n_steps in settings:
+        learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (act_dim,)), obs_dim, device)
+        n = 10_000
+        data = dict(obs=torch.randn(n, obs_dim, device=device), next_obs=torch.randn(n, obs_dim, device=device),
+                    action=torch.rand(n, act_dim, device=device) * 2 - 1, reward=torch.randn(n, device=device),
+                    terminated=torch.rand(n, device=device) < 0.01)
+
+        def updates(fn, k: int) -> None:
+            emaq.train_q(args, data, learner, k, fn)
+
+        with FlopCounterMode(display=False) as counter:
+            updates(emaq.q_step, 1)
+        start = time.perf_counter()
+        fast = emaq.compiled(emaq.q_step, args, device)
+        updates(fast, 3)
+        compile_seconds = time.perf_counter() - start
+        step = time_modes({"eager": emaq.q_step, "compiled": fast}, updates, device, rounds, max(1, n_steps))
+        results.append(dict(script="emaq_offline.py", task=task, flops=counter.get_total_flops(), updates_per_step=1,
+                            step=step, compile_seconds=compile_seconds,
+                            iteration={m: 1000 * s for m, s in step.items()}))
+    return results
+
+
 BENCHES = {"qwr_continuous.py": bench_qwr_continuous, "iq_continuous.py": bench_iq_continuous,
-           "awr_continuous.py": bench_awr_continuous, "qwr_atari.py": bench_qwr_atari}
-NOT_YET = ("emaq_offline.py",)  # no --compile yet
+           "awr_continuous.py": bench_awr_continuous, "qwr_atari.py": bench_qwr_atari,
+           "emaq_offline.py": bench_emaq_offline}
 
 
 def machine(device: torch.device) -> str:
@@ -259,7 +292,8 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
               "critic or one actor step; for iq_continuous.py 1000 environment steps, each followed by its "
               "update; for awr_continuous.py 2048 environment steps, the buffer's returns twice, 200 critic and "
               "1000 actor steps (at the mean time of a critic and an actor step); for qwr_atari.py 1000 "
-              "interactions, then 1000 critic and 1000 actor steps. Not measured yet (no `--compile`): " + ", ".join(NOT_YET) + "."]
+              "interactions, then 1000 critic and 1000 actor steps; for emaq_offline.py 1000 Q updates (batch 256 at "
+              "Table 2's sizes, 100 at the emaq-n grid's)."]
     return "\n".join(lines)
 
 
@@ -269,19 +303,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating eager / compiled rounds")
     parser.add_argument("--steps", type=int, default=200, help="critic and actor steps per round")
     parser.add_argument("--readme", type=Path, help="also replace this device's block there")
+    parser.add_argument("--scripts", nargs="+", choices=list(BENCHES), default=list(BENCHES),
+                        help="only these scripts (not with --readme: its table has them all)")
     a = parser.parse_args()
+    if a.readme and a.scripts != list(BENCHES):
+        parser.error("--readme needs every script measured")
     device = torch.device("cuda" if a.cuda else "cpu")
     start, end = f"<!-- benchmarks/speed.py {device.type}: start -->", f"<!-- benchmarks/speed.py {device.type}: end -->"
     torch.manual_seed(0)
     limit = matmul_limit(device)
     results = []
-    for script, bench in BENCHES.items():
+    for script, bench in ((s, BENCHES[s]) for s in a.scripts):
         print(f"{script} ...", flush=True)
-        results.append(bench(device, a.rounds, a.steps))
+        out = bench(device, a.rounds, a.steps)
+        results += out if isinstance(out, list) else [out]
     limit = max(limit, matmul_limit(device))  # measured again after the runs, the better of the two
     text = table(results, limit, device)
     print(text)
-    (RESULTS / f"speed-{device.type}.md").write_text(f"# Speed ({device.type})\n\n{text}\n")
+    if a.scripts == list(BENCHES):  # (a partial run only prints)
+        (RESULTS / f"speed-{device.type}.md").write_text(f"# Speed ({device.type})\n\n{text}\n")
     if a.readme:
         readme = a.readme.read_text()
         if start not in readme or end not in readme:
