@@ -51,7 +51,8 @@ def method_of(hp: dict) -> str:
         table3 = (hp.get("q_layers"), hp.get("num_q"), hp.get("n_bins"), setting) == ("4", "16", "80",
                                                                                      ("256", "256", "1000000"))
         small = ("" if setting == ("750", "750", "1000000") else " (Table 3)" if table3
-                 else " (Q {}, mu {} units, {} updates)".format(*setting))
+                 else " ({}Q {}, mu {} units, {} updates)".format(
+                     "" if hp.get("num_q", "8") == "8" else f"K {hp['num_q']}, ", *setting))
         return f"EMaQ N={hp.get('n_samples', '?')}{small}"  # Table 2's setting has no suffix
     return {"awr_continuous": "AWR"}.get(script, script)
 

@@ -1,6 +1,7 @@
 """benchmarks/run.py's grids and benchmarks/report.py's reading of logs."""
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,23 @@ def test_the_emaq_d4rl_grid_runs_table_1_at_table_3s_sizes_and_the_report_finds_
         "36.9 ± 3.7 (BC 27.2 ± 3.2, BCQ 26.5 ± 4.8, BEAR –)"
     pen = next(r for r in runs if r["env"] == "D4RL/pen/cloned-v2")
     assert report.paper_cell(report.paper_numbers(), "emaq-d4rl", pen["method"], pen["env"]).startswith("27.9 ± 3.7")
+
+
+def test_the_emaq_n_grid_names_its_runs_as_the_report_does():
+    import emaq_offline
+    import qwr_continuous
+
+    for r in run.runs_of("emaq-n", [1], None, None):
+        # What the run logs: its script's defaults, and the grid's flags (each "--flag value", or "--no-flag").
+        module = {"emaq_offline.py": emaq_offline, "qwr_continuous.py": qwr_continuous}[r["script"]]
+        hp = {k: str(v) for k, v in asdict(module.Args()).items()}
+        args = r["args"]
+        for i, a in enumerate(args):
+            if a.startswith("--no-"):
+                hp[a[5:].replace("-", "_")] = "False"
+            elif a.startswith("--"):
+                hp[a[2:].replace("-", "_")] = args[i + 1]
+        assert report.method_of(hp) == r["method"]
 
 
 def test_report_reads_final_returns_and_keeps_the_furthest_run_per_seed(tmp_path):
