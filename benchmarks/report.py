@@ -90,13 +90,16 @@ def read_run(path: Path) -> dict | None:
     text = ea.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
     hp = dict(re.findall(r"^\|([^|]+)\|([^|]*)\|$", text, re.M))
     curve = [(e.step, e.value) for e in ea.Scalars("charts/eval_return")]
+    q_curve = [(e.step, e.value) for e in ea.Scalars("losses/q_mean")] if "losses/q_mean" in tags["scalars"] else []
     # The x-axis is environment steps; offline it is Q-network updates (QWR logs iterations of critic_steps).
     total = int(hp.get("total_timesteps") or hp.get("num_updates") or 0)
     if offline_dataset(hp):
         per_iteration = int(hp.get("critic_steps", 1))
         curve, total = [(s * per_iteration, v) for s, v in curve], int(hp["offline_iterations"]) * per_iteration
+        q_curve = [(s * per_iteration, v) for s, v in q_curve]
     final = {tag: ea.Scalars(tag)[-1].value for tag in ("charts/normalized_score", "charts/dataset_return",
-                                                         "charts/eval_return_sampled") if tag in tags["scalars"]}
+                                                         "charts/eval_return_sampled", "charts/behavior_return",
+                                                         "charts/dataset_discounted_return") if tag in tags["scalars"]}
     # The stochastic policy's returns while it trained, over the last tenth of the run.
     train = [e.value for e in ea.Scalars("charts/episodic_return")] if "charts/episodic_return" in tags["scalars"] else []
     train_steps = [e.step for e in ea.Scalars("charts/episodic_return")] if train else []
@@ -112,6 +115,8 @@ def read_run(path: Path) -> dict | None:
         wall_minutes=gaps[gaps < 1800].sum() / 60, finished=curve[-1][0] >= total,
         score=final.get("charts/normalized_score"), dataset_return=final.get("charts/dataset_return"),
         sampled=final.get("charts/eval_return_sampled"), late_train_return=float(np.mean(late)) if late else None,
+        behavior_return=final.get("charts/behavior_return"), q_curve=q_curve,
+        discounted_return=final.get("charts/dataset_discounted_return"),
     )
 
 
@@ -226,6 +231,65 @@ def plot_grid(grid: str, runs: list[dict], out: Path, paper: dict) -> None:
     plt.close(fig)
 
 
+def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
+    """EMaQ's N (Fig. 1) on the emaq-n grid's datasets: the final return against N, beside the dataset,
+    mu alone and offline QWR; and Q's mean against the dataset's discounted returns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from run import DATASETS_N, GRIDS
+
+    methods = [m for m, _, _, _ in GRIDS["emaq-n"]]
+    ns = [int(m.split("=")[1].split()[0]) for m in methods if m.startswith("EMaQ")]
+    done = [r for r in runs if r["env"] in DATASETS_N and r["method"] in methods and r["finished"]]
+    if not done:
+        return []
+    cell = lambda values: f"{median_iqr(values)} ({len(values)})" if values else "–"  # noqa: E731
+    lines = ["### EMaQ's N (Fig. 1) on a CPU: Pendulum-v1 datasets made by qwr_continuous.py", "",
+             "Final deterministic eval return (10 episodes), median ± IQR/2 over seeds (their number); "
+             "μ alone is the behaviour model's own policy (EMaQ's N = 1 policy) before the Q loop.", "",
+             "| dataset | dataset: mean episode return | μ alone | "
+             + " | ".join(f"EMaQ N={n}" for n in ns) + " | QWR-LSE offline |", "|---" * (4 + len(ns)) + "|"]
+    fig, axes = plt.subplots(2, len(DATASETS_N), figsize=(5.5 * len(DATASETS_N), 7), squeeze=False)
+    for col, dataset in enumerate(DATASETS_N):
+        of = {m: [r for r in done if r["env"] == dataset and r["method"] == m] for m in methods}
+        emaq_runs = [r for m in methods if m.startswith("EMaQ") for r in of[m]]
+        mu = [r["behavior_return"] for r in emaq_runs if r["behavior_return"] is not None]
+        data = next((r["dataset_return"] for r in emaq_runs if r["dataset_return"] is not None), None)
+        finals = {m: [r["curve"][-1][1] for r in of[m]] for m in methods}
+        lines.append(f"| {dataset} | {'–' if data is None else round(data)} | {cell(mu)} | "
+                     + " | ".join(cell(finals[m]) for m in methods) + " |")
+        ax, ran = axes[0][col], [(n, np.array(finals[m])) for n, m in zip(ns, methods) if finals[m]]
+        for n, y in ran:  # the median, and the range over seeds
+            ax.errorbar([n], [np.median(y)], yerr=[[np.median(y) - y.min()], [y.max() - np.median(y)]], fmt="o",
+                        color="C0", capsize=3)
+        ax.plot([n for n, _ in ran], [np.median(y) for _, y in ran], "-", color="C0", label="EMaQ (range: seeds)")
+        qwr = finals["QWR-LSE offline"]
+        for value, style, label in ((data, "--", "dataset"), (np.median(mu) if mu else None, ":", "μ alone"),
+                                    (np.median(qwr) if qwr else None, "-.", "QWR-LSE offline")):
+            if value is not None:
+                ax.axhline(value, ls=style, color="grey", label=label)
+        ax.set(title=dataset, xscale="log", xlabel="N", ylabel="final eval return")
+        ax.legend(fontsize=8)
+        ax = axes[1][col]  # convergence: Q's mean over training batches, median over seeds
+        for m in methods:
+            curves = [dict(r["q_curve"]) for r in of[m] if r["q_curve"]]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if steps:
+                ax.plot(steps, np.median([[c[s] for s in steps] for c in curves], 0), label=m.split(" (")[0])
+        scale = next((r["discounted_return"] for r in emaq_runs if r["discounted_return"] is not None), None)
+        if scale is not None:
+            ax.axhline(scale, ls="--", color="grey", label="dataset's discounted return to go")
+        ax.set(xlabel="Q-network updates", ylabel="mean Q on training batches")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "emaq-n.png", dpi=100)
+    plt.close(fig)
+    return lines + ["", f"![EMaQ's N on Pendulum]({prefix}emaq-n.png)", ""]
+
+
 def bitflip_section(prefix: str) -> list[str]:
     path = RESULTS / "bitflip" / "bitflip_sweep.csv"
     if not path.is_file():
@@ -307,6 +371,7 @@ def report(prefix: str) -> str:
         png = f"{grid}.png"
         plot_grid(grid, grid_runs, RESULTS / png, paper)
         lines += ["", f"![{grid} learning curves]({prefix}{png})", ""]
+    lines += n_effect_section(prefix, runs)
     lines += bitflip_section(prefix)
     not_run = sorted(set(GRID_TITLES) - {r["grid"] for r in runs})
     if not_run:

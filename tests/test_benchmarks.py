@@ -202,3 +202,20 @@ def test_two_run_py_never_run_the_same_run(tmp_path, monkeypatch):
         codes = sorted(pool.map(lambda r: run.launch(r, 1)[1], [same, same]), key=str)
     assert codes == [0, None]  # one ran it, the other skipped it
     assert run.launch(same, 1)[1] is None  # and once it is done, nobody runs it again
+
+
+def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    emaq = dict(exp_name="emaq_offline", dataset_id=run.DATASETS_N[0], num_q="4", q_hidden="64", mu_embed="64",
+                num_updates="60000")
+    for seed, n, final in [(1, 1, -750.0), (2, 1, -760.0), (1, 50, -200.0)]:
+        fake_run(tmp_path / "runs", f"n{n}s{seed}", emaq | dict(n_samples=str(n), seed=str(seed)),
+                 [(5000, -900.0), (60000, final)], dataset_return=-776.0, behavior_return=-758.0 + seed)
+    qwr = dict(exp_name="qwr_continuous", backup="lse", offline_dataset_id=run.DATASETS_N[0], offline_iterations="30",
+               critic_steps="1000", seed="1")
+    fake_run(tmp_path / "runs", "qwr", qwr, [(30, -300.0)])
+    lines = report.n_effect_section("", report.collect_runs(tmp_path / "runs"))
+    row = next(line for line in lines if line.startswith(f"| {run.DATASETS_N[0]} "))
+    # mu alone over every EMaQ run of the dataset (3); N = 1 over its two seeds; N = 5 and 10 not run.
+    assert row == f"| {run.DATASETS_N[0]} | -776 | -757 ± 0 (3) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) |"
+    assert (tmp_path / "emaq-n.png").is_file()
