@@ -255,6 +255,9 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
     fig, axes = plt.subplots(2, len(DATASETS_N), figsize=(5.5 * len(DATASETS_N), 7), squeeze=False)
     for col, dataset in enumerate(DATASETS_N):
         of = {m: [r for r in done if r["env"] == dataset and r["method"] == m] for m in methods}
+        if not any(of.values()):
+            axes[0][col].set_visible(False), axes[1][col].set_visible(False)
+            continue
         emaq_runs = [r for m in methods if m.startswith("EMaQ") for r in of[m]]
         mu = [r["behavior_return"] for r in emaq_runs if r["behavior_return"] is not None]
         data = next((r["dataset_return"] for r in emaq_runs if r["dataset_return"] is not None), None)
