@@ -286,7 +286,8 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
         if scale is not None:
             ax.axhline(scale, ls="--", color="grey", label="dataset's discounted return to go")
         ax.set(xlabel="Q-network updates", ylabel="mean Q on training batches")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "emaq-n.png", dpi=100)
     plt.close(fig)
