@@ -249,7 +249,8 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
     cell = lambda values: f"{median_iqr(values)} ({len(values)})" if values else "–"  # noqa: E731
     lines = ["### EMaQ's N (Fig. 1) on a CPU: Pendulum-v1 datasets made by qwr_continuous.py", "",
              "Final deterministic eval return (10 episodes), median ± IQR/2 over seeds (their number); "
-             "μ alone is the behaviour model's own policy (EMaQ's N = 1 policy) before the Q loop.", "",
+             "μ alone is the behaviour model's own policy (EMaQ's N = 1 policy) before the Q loop. For scale: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in reference_returns("Pendulum-v1").items()) + " (10 episodes).", "",
              "| dataset | dataset: mean episode return | μ alone | "
              + " | ".join(f"EMaQ N={n}" for n in ns) + " | QWR-LSE offline |", "|---" * (4 + len(ns)) + "|"]
     fig, axes = plt.subplots(2, len(DATASETS_N), figsize=(5.5 * len(DATASETS_N), 7), squeeze=False)
