@@ -260,7 +260,8 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
             axes[0][col].set_visible(False), axes[1][col].set_visible(False)
             continue
         emaq_runs = [r for m in methods if m.startswith("EMaQ") for r in of[m]]
-        mu = [r["behavior_return"] for r in emaq_runs if r["behavior_return"] is not None]
+        # mu is fitted before N plays a part: one per seed, the same in each of that seed's runs.
+        mu = list({r["seed"]: r["behavior_return"] for r in emaq_runs if r["behavior_return"] is not None}.values())
         data = next((r["dataset_return"] for r in emaq_runs if r["dataset_return"] is not None), None)
         finals = {m: [r["curve"][-1][1] for r in of[m]] for m in methods}
         lines.append(f"| {dataset} | {'–' if data is None else round(data)} | {cell(mu)} | "

@@ -216,6 +216,6 @@ def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_
     fake_run(tmp_path / "runs", "qwr", qwr, [(30, -300.0)])
     lines = report.n_effect_section("", report.collect_runs(tmp_path / "runs"))
     row = next(line for line in lines if line.startswith(f"| {run.DATASETS_N[0]} "))
-    # mu alone over every EMaQ run of the dataset (3); N = 1 over its two seeds; N = 5 and 10 not run.
-    assert row == f"| {run.DATASETS_N[0]} | -776 | -757 ± 0 (3) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) |"
+    # mu alone once per seed (2); N = 1 over its two seeds; N = 5 and 10 not run.
+    assert row == f"| {run.DATASETS_N[0]} | -776 | -756 ± 0 (2) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) |"
     assert (tmp_path / "emaq-n.png").is_file()
