@@ -60,6 +60,20 @@ def time_modes(modes: dict, run, device: torch.device, rounds: int, steps: int) 
     return {mode: statistics.median(v) for mode, v in per_step.items()}
 
 
+def measure(updates, eager, compile_fns, device: torch.device, rounds: int, steps: int) -> dict:
+    """What a script's row needs from updates(fns, n), n gradient steps with the step functions fns:
+    the FLOPs of one eager step, the seconds compile_fns(eager) takes to compile (3 steps), and
+    the seconds per step eager and compiled."""
+    with FlopCounterMode(display=False) as counter:
+        updates(eager, 1)
+    start = time.perf_counter()
+    fast = compile_fns(eager)
+    updates(fast, 3)
+    compile_seconds = time.perf_counter() - start
+    step = time_modes({"eager": eager, "compiled": fast}, updates, device, rounds, steps)
+    return dict(flops=counter.get_total_flops(), compile_seconds=compile_seconds, step=step)
+
+
 def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     """qwr_continuous.py on Walker2d-v4 at its defaults: 1000 env steps, 1000 critic and 1000 actor steps."""
     import qwr_continuous as qwr
@@ -80,23 +94,17 @@ def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
         buffer.add(rollout)
     envs.close()
 
-    def updates(critic_fn, actor_fn, n: int) -> None:
+    def updates(fns, n: int) -> None:  # n critic and n actor steps
         short = replace(args, critic_steps=n, actor_steps=n)
-        qwr.train_critic(short, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm, critic_fn)
-        qwr.train_actor(short, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm, actor_fn)
+        qwr.train_critic(short, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm, fns[0])
+        qwr.train_actor(short, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm, fns[1])
 
-    with FlopCounterMode(display=False) as counter:
-        updates(qwr.critic_step, qwr.actor_step, 1)
-    flops = counter.get_total_flops()  # one critic and one actor step
-    start = time.perf_counter()
-    fast = (qwr.compiled(qwr.critic_step, args, device), qwr.compiled(qwr.actor_step, args, device))
-    updates(*fast, 3)  # compiles both
-    compile_seconds = time.perf_counter() - start
-    modes = {"eager": (qwr.critic_step, qwr.actor_step), "compiled": fast}
-    step = time_modes(modes, lambda fns, n: updates(*fns, n), device, rounds, steps)  # a critic + an actor step
+    # A step: a critic and an actor step.
+    m = measure(updates, (qwr.critic_step, qwr.actor_step),
+                lambda fns: tuple(qwr.compiled(f, args, device) for f in fns), device, rounds, steps)
     collect = statistics.median(collect_seconds)
-    return dict(script="qwr_continuous.py", task="Walker2d-v4", flops=flops, updates_per_step=2, step=step,
-                compile_seconds=compile_seconds, iteration={m: collect + args.critic_steps * s for m, s in step.items()})
+    return dict(script="qwr_continuous.py", task="Walker2d-v4", updates_per_step=2, **m,
+                iteration={mode: collect + args.critic_steps * s for mode, s in m["step"].items()})
 
 
 def bench_iq_continuous(device: torch.device, rounds: int, steps: int) -> dict:
@@ -122,22 +130,13 @@ def bench_iq_continuous(device: torch.device, rounds: int, steps: int) -> dict:
         obs = env.reset()[0] if terminated or truncated else next_obs
     act_seconds = time.perf_counter() - start
     env.close()
-    with FlopCounterMode(display=False) as counter:
-        iq.update(args, learner, buffer.sample(args.batch_size))
-    start = time.perf_counter()
-    fast = iq.compiled(iq.update, args, device)
-    for _ in range(3):
-        fast(args, learner, buffer.sample(args.batch_size))
-    compile_seconds = time.perf_counter() - start
-
     def updates(fn, n: int) -> None:
         for _ in range(n):
             fn(args, learner, buffer.sample(args.batch_size))
 
-    step = time_modes({"eager": iq.update, "compiled": fast}, updates, device, rounds, steps)
-    return dict(script="iq_continuous.py", task="HalfCheetah-v4", flops=counter.get_total_flops(),
-                updates_per_step=1, step=step, compile_seconds=compile_seconds,
-                iteration={m: act_seconds + 1000 * s for m, s in step.items()})
+    m = measure(updates, iq.update, lambda fn: iq.compiled(fn, args, device), device, rounds, steps)
+    return dict(script="iq_continuous.py", task="HalfCheetah-v4", updates_per_step=1, **m,
+                iteration={mode: act_seconds + 1000 * s for mode, s in m["step"].items()})
 
 
 def bench_awr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
@@ -169,19 +168,13 @@ def bench_awr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
         awr.train_critic(args, learner, states, returns, n, fns[0])
         awr.train_actor(args, learner, states, actions, weights, n, fns[1])
 
-    with FlopCounterMode(display=False) as counter:
-        updates((awr.critic_step, awr.actor_step), 1)
-    start = time.perf_counter()
-    fast = (awr.compiled(awr.critic_step, args, device), awr.compiled(awr.actor_step, args, device))
-    updates(fast, 3)
-    compile_seconds = time.perf_counter() - start
-    flops = counter.get_total_flops()  # a critic and an actor step, timed together as a pair
-    step = time_modes({"eager": (awr.critic_step, awr.actor_step), "compiled": fast}, updates, device, rounds, steps)
+    # A step: a critic and an actor step, timed together as a pair.
+    m = measure(updates, (awr.critic_step, awr.actor_step),
+                lambda fns: tuple(awr.compiled(f, args, device) for f in fns), device, rounds, steps)
     # An iteration's 200 critic and 1000 actor steps, at the pair's mean time per step.
     n_updates = args.critic_steps + args.actor_steps
-    return dict(script="awr_continuous.py", task="Walker2d-v4", flops=flops, updates_per_step=2, step=step,
-                compile_seconds=compile_seconds,
-                iteration={m: statistics.median(seconds) + n_updates * s / 2 for m, s in step.items()})
+    return dict(script="awr_continuous.py", task="Walker2d-v4", updates_per_step=2, **m,
+                iteration={mode: statistics.median(seconds) + n_updates * s / 2 for mode, s in m["step"].items()})
 
 
 def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
@@ -214,17 +207,12 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
         qa.train_critic(short, buffer, critic, target, critic_opt, fns[0])
         qa.train_actor(short, buffer, actor, critic, actor_opt, fns[1])
 
-    with FlopCounterMode(display=False) as counter:
-        updates((qa.critic_step, qa.actor_step), 1)
-    start = time.perf_counter()
-    fast = (qa.compiled(qa.critic_step, args, device), qa.compiled(qa.actor_step, args, device))
-    updates(fast, 3)
-    compile_seconds = time.perf_counter() - start
-    modes = {"eager": (qa.critic_step, qa.actor_step), "compiled": fast}
-    step = time_modes(modes, updates, device, rounds, max(1, steps // 10))  # a critic + an actor step
-    return dict(script="qwr_atari.py", task="Breakout", flops=counter.get_total_flops(), updates_per_step=2,
-                step=step, compile_seconds=compile_seconds,
-                iteration={m: statistics.median(collect_seconds) + args.critic_steps * s for m, s in step.items()})
+    # A step: a critic and an actor step.
+    m = measure(updates, (qa.critic_step, qa.actor_step),
+                lambda fns: tuple(qa.compiled(f, args, device) for f in fns), device, rounds, max(1, steps // 10))
+    return dict(script="qwr_atari.py", task="Breakout", updates_per_step=2, **m,
+                iteration={mode: statistics.median(collect_seconds) + args.critic_steps * s
+                           for mode, s in m["step"].items()})
 
 
 def bench_emaq_offline(device: torch.device, rounds: int, steps: int) -> list[dict]:
@@ -247,16 +235,9 @@ def bench_emaq_offline(device: torch.device, rounds: int, steps: int) -> list[di
         def updates(fn, k: int) -> None:
             emaq.train_q(args, data, learner, k, fn)
 
-        with FlopCounterMode(display=False) as counter:
-            updates(emaq.q_step, 1)
-        start = time.perf_counter()
-        fast = emaq.compiled(emaq.q_step, args, device)
-        updates(fast, 3)
-        compile_seconds = time.perf_counter() - start
-        step = time_modes({"eager": emaq.q_step, "compiled": fast}, updates, device, rounds, max(1, n_steps))
-        results.append(dict(script="emaq_offline.py", task=task, flops=counter.get_total_flops(), updates_per_step=1,
-                            step=step, compile_seconds=compile_seconds,
-                            iteration={m: 1000 * s for m, s in step.items()}))
+        m = measure(updates, emaq.q_step, lambda fn: emaq.compiled(fn, args, device), device, rounds, max(1, n_steps))
+        results.append(dict(script="emaq_offline.py", task=task, updates_per_step=1, **m,
+                            iteration={mode: 1000 * s for mode, s in m["step"].items()}))
     return results
 
 
