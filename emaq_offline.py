@@ -193,12 +193,15 @@ def open_dataset(dataset_id: str, download: bool):
     found = ", ".join(sorted(minari.list_local_datasets())) or "none"
     elsewhere = (f"local datasets: {found}; to get it, run `minari download {dataset_id}` on a machine with "
                  f"internet and copy it into {where}, or make one here: {MAKE_ONE}")
+    try:  # the local store first: its errors (a broken file, a missing h5py) are not about the network
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        if not download:
+            raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (--no-download); {elsewhere}") from None
     try:
-        return minari.load_dataset(dataset_id, download=download)
-    except FileNotFoundError:  # not in the local store, and --no-download
-        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (--no-download); {elsewhere}") from None
-    except ImportError:  # downloading needs huggingface_hub
-        raise UsageError(f"downloading {dataset_id} needs Minari's hf extra: pip install 'minari[hf]'") from None
+        return minari.load_dataset(dataset_id, download=True)
+    except ImportError as e:  # Minari's own hint: downloading needs its hf extra (huggingface_hub)
+        raise UsageError(f"cannot download {dataset_id}: {first_line(e)}") from None
     except ValueError as e:  # a malformed id, or one that Minari's server does not have
         raise UsageError(f"no Minari dataset {dataset_id!r}: {first_line(e)}; {elsewhere}") from None
     except Exception as e:  # no network: the HTTP client's own error, whatever its class
@@ -240,7 +243,7 @@ def eval_env_spec(dataset, dataset_id: str):
     except ModuleNotFoundError as e:  # e.g. gymnasium_robotics, for kitchen, antmaze and Adroit
         package = (e.name or "?").split(".")[0].replace("_", "-")
         raise UsageError(f"{dataset_id} evaluates in an environment of {package}: pip install {package}") from None
-    except gym.error.Error as e:
+    except (gym.error.Error, ValueError, TypeError) as e:  # no env stored, or kwargs this version does not take
         raise UsageError(f"cannot make {dataset_id}'s environment: {first_line(e)}") from None
     spec = env.spec
     env.close()

@@ -618,7 +618,7 @@ def compiled(fn, args: Args, device: torch.device):
     try:
         torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
     except Exception as e:
-        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {first_line(e)[:100]}); "
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
@@ -701,7 +701,7 @@ def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]
     try:
         ckpt = torch.load(path, map_location=learner.critic.low.device, weights_only=False)
     except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
-        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line(e)[:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("script", SCRIPT) != SCRIPT or not set(Learner.SAVED) <= set(ckpt):
         script = ckpt.get("script", "another script") if isinstance(ckpt, dict) else "not a dict"
         raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({script})")
@@ -872,6 +872,11 @@ def train_offline(args: Args) -> dict:
         raise UsageError(f"--env-id {args.env_id} is not the dataset's environment, {env_spec.id}")
     args = replace(args, env_id=env_spec.id)  # evaluate where the dataset says
     env = check_env(env_spec)
+    # policy_episodes and write_dataset make their envs by id: they would lose this spec's arguments.
+    registered = gym.registry.get(env_spec.id)
+    if args.save_policy_dataset and (registered is None or registered.kwargs != env_spec.kwargs):
+        raise UsageError(f"--save-policy-dataset after offline training needs an env that its id alone makes; "
+                         f"{env_spec.id} is made with other arguments here")
     run_name = f"{env_spec.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     # Normalised by the statistics of the whole dataset.
     learner = make_learner(args, env.observation_space.shape[0], env.action_space, device, buffer.size)
@@ -974,12 +979,15 @@ def open_dataset(dataset_id: str, download: bool):
     found = ", ".join(sorted(minari.list_local_datasets())) or "none"
     elsewhere = (f"local datasets: {found}; to get it, run `minari download {dataset_id}` on a machine with "
                  f"internet and copy it into {where}, or make one here: {MAKE_ONE}")
+    try:  # the local store first: its errors (a broken file, a missing h5py) are not about the network
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        if not download:
+            raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (--no-download); {elsewhere}") from None
     try:
-        return minari.load_dataset(dataset_id, download=download)
-    except FileNotFoundError:  # not in the local store, and --no-download
-        raise UsageError(f"no Minari dataset {dataset_id!r} in {where} (--no-download); {elsewhere}") from None
-    except ImportError:  # downloading needs huggingface_hub
-        raise UsageError(f"downloading {dataset_id} needs Minari's hf extra: pip install 'minari[hf]'") from None
+        return minari.load_dataset(dataset_id, download=True)
+    except ImportError as e:  # Minari's own hint: downloading needs its hf extra (huggingface_hub)
+        raise UsageError(f"cannot download {dataset_id}: {first_line(e)}") from None
     except ValueError as e:  # a malformed id, or one that Minari's server does not have
         raise UsageError(f"no Minari dataset {dataset_id!r}: {first_line(e)}; {elsewhere}") from None
     except Exception as e:  # no network: the HTTP client's own error, whatever its class
@@ -1003,7 +1011,7 @@ def eval_env_spec(dataset, dataset_id: str):
     except ModuleNotFoundError as e:  # e.g. gymnasium_robotics, for kitchen, antmaze and Adroit
         package = (e.name or "?").split(".")[0].replace("_", "-")
         raise UsageError(f"{dataset_id} evaluates in an environment of {package}: pip install {package}") from None
-    except gym.error.Error as e:
+    except (gym.error.Error, ValueError, TypeError) as e:  # no env stored, or kwargs this version does not take
         raise UsageError(f"cannot make {dataset_id}'s environment: {first_line(e)}") from None
     spec = env.spec
     env.close()

@@ -37,7 +37,7 @@ def test_a_missing_dataset_is_downloaded_by_minari_unless_no_download(script, ti
 
     monkeypatch.setattr(minari, "load_dataset", downloading_loader)
     load(script, STANDARD, True)
-    assert calls == [(STANDARD, True)]
+    assert calls == [(STANDARD, False), (STANDARD, True)]  # the local store first, then Minari's download
     with pytest.raises(script.UsageError) as error:
         load(script, STANDARD, False)
     assert calls[-1] == (STANDARD, False)
@@ -54,6 +54,8 @@ def test_no_network_is_one_line_naming_the_id_the_download_command_and_a_local_d
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
 
     def offline_loader(dataset_id, download=False):
+        if not download:
+            raise FileNotFoundError(dataset_id)  # (as Minari's loader says a dataset is not in the local store)
         raise ConnectError("[Errno -2] Name or service not known\n(and a traceback's worth of detail)")
 
     monkeypatch.setattr(minari, "load_dataset", offline_loader)
@@ -108,3 +110,13 @@ def test_a_local_dataset_under_a_standard_namespace_trains_and_evaluates_offline
     m = qwr.train_offline(qwr.Args(offline_dataset_id=tiny_dataset[1], offline_iterations=1, critic_steps=2,
                                    actor_steps=2, batch_size=16, eval_episodes=1, cuda=False, compile=False))
     assert "Hopper-v4" in m["run_name"] and math.isfinite(m["eval_return"]) and math.isfinite(m["normalized_score"])
+
+
+@pytest.mark.parametrize("script", [emaq, qwr], ids=["emaq", "qwr"])
+def test_a_broken_local_dataset_is_not_reported_as_a_network_error(script, monkeypatch):
+    def broken_loader(dataset_id, download=False):
+        raise KeyError("dataset_id")  # e.g. metadata without the key Minari reads
+
+    monkeypatch.setattr(minari, "load_dataset", broken_loader)
+    with pytest.raises(KeyError):
+        load(script, STANDARD, True)
