@@ -129,6 +129,11 @@ class UsageError(ValueError):
     """A mistake in the command line, reported as one line before training."""
 
 
+def first_line(e: Exception) -> str:
+    """An exception's message in one line, for an error that must stay one line."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 # ----------------------------------------------------------------------------
 # The math: backups, TD(lambda) targets, the exact discrete actor loss
 # ----------------------------------------------------------------------------
@@ -491,7 +496,7 @@ def compiled(fn, args: Args, device: torch.device):
     try:
         torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
     except Exception as e:
-        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}); "
+        print(f"--compile: torch.compile does not work here ({type(e).__name__}: {first_line(e)[:100]}); "
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
@@ -534,7 +539,7 @@ def load_checkpoint(args: Args, state: dict, buffer: FrameReplayBuffer, device) 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # not a file torch can read: say so, not a pickle stack trace
-        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+        raise UsageError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line(e)[:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("script", SCRIPT) != SCRIPT or not set(SAVED) <= set(ckpt):
         script = ckpt.get("script", "another script") if isinstance(ckpt, dict) else "not a dict"
         raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({script})")
