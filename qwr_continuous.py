@@ -772,6 +772,18 @@ def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: 
     return line
 
 
+def evaluate_checkpoint(args: Args, env, device) -> dict:
+    """--eval-only: the policy of --checkpoint-path evaluated in env (an id, or an offline dataset's
+    EnvSpec, whose arguments its id alone would lose), deterministic; nothing is trained."""
+    spaces = check_env(env)
+    learner = make_learner(args, spaces.observation_space.shape[0], spaces.action_space, device, 1)
+    _, run_name = load_checkpoint(args, learner, None)
+    returns = evaluate(env, args.eval_episodes, learner.actor, learner.obs_norm, device, args.seed + 10_000,
+                       f"videos/{run_name or args.exp_name}" if args.capture_video else None)
+    print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
+    return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
+
+
 def exit_interrupted(args: Args, learner: Learner, iteration: int, run_name: str, buffer=None) -> None:
     """After Stop.signal: save the run as it stands and exit with the command that resumes it."""
     path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
@@ -797,6 +809,8 @@ def train(args: Args) -> dict:
     check_args(args, offline=False)
     check_env(args.env_id)
     device = seed_and_device(args)
+    if args.eval_only:  # evaluate the checkpoint's policy, nothing else
+        return evaluate_checkpoint(args, args.env_id, device)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     envs = make_vec_env(args.env_id, args.num_envs)
     obs_dim = envs.single_observation_space.shape[0]
@@ -808,11 +822,6 @@ def train(args: Args) -> dict:
     if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
         start, saved_name = load_checkpoint(args, learner, buffer)
         run_name = saved_name or run_name
-    if args.eval_only:  # evaluate the checkpoint's policy, nothing else
-        returns = evaluate(args.env_id, args.eval_episodes, learner.actor, learner.obs_norm, device, args.seed + 10_000,
-                           f"videos/{run_name}" if args.capture_video else None)
-        print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
-        return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
     writer = open_writer(args, run_name)
     critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
     n_iterations = args.total_timesteps // args.steps_per_iteration
@@ -867,10 +876,15 @@ def train_offline(args: Args) -> dict:
     mu = N(action taken, --action-std) at every state; returns the final metrics."""
     check_args(args, offline=True)
     device = seed_and_device(args)
-    buffer, env_spec, refs = load_dataset(args.offline_dataset_id, args.download, args.action_std, device)
+    if args.eval_only:  # the checkpoint's policy in the dataset's evaluation env; its steps are not needed
+        env_spec = eval_env_spec(open_dataset(args.offline_dataset_id, args.download), args.offline_dataset_id)
+    else:
+        buffer, env_spec, refs = load_dataset(args.offline_dataset_id, args.download, args.action_std, device)
     if args.env_id not in (None, env_spec.id):
         raise UsageError(f"--env-id {args.env_id} is not the dataset's environment, {env_spec.id}")
     args = replace(args, env_id=env_spec.id)  # evaluate where the dataset says
+    if args.eval_only:
+        return evaluate_checkpoint(args, env_spec, device)
     env = check_env(env_spec)
     # policy_episodes and write_dataset make their envs by id: they would lose this spec's arguments.
     registered = gym.registry.get(env_spec.id)
@@ -1079,6 +1093,6 @@ if __name__ == "__main__":
     cli_args = tyro.cli(Args)
     Stop.catch_signals()
     try:
-        (train_offline if cli_args.offline_dataset_id and not cli_args.eval_only else train)(cli_args)
+        (train_offline if cli_args.offline_dataset_id else train)(cli_args)
     except UsageError as e:
         sys.exit(f"error: {e}")

@@ -4,6 +4,7 @@ Minari's loader replaced, as this machine has no network), evaluated in the
 environment the dataset describes, with Dict observations flattened the way the
 evaluation env flattens them."""
 
+import dataclasses
 import math
 
 import gymnasium as gym
@@ -120,3 +121,20 @@ def test_a_broken_local_dataset_is_not_reported_as_a_network_error(script, monke
     monkeypatch.setattr(minari, "load_dataset", broken_loader)
     with pytest.raises(KeyError):
         load(script, STANDARD, True)
+
+
+def test_eval_only_of_an_offline_checkpoint_evaluates_in_the_datasets_evaluation_env(tiny_dataset, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
+    monkeypatch.chdir(tmp_path)
+    # The dataset's evaluation env: Hopper-v4 with an argument that its id alone would not give.
+    spec = gym.spec("Hopper-v4")
+    spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "terminate_when_unhealthy": False})
+    monkeypatch.setattr(qwr, "eval_env_spec", lambda dataset, dataset_id: spec)
+    args = qwr.Args(offline_dataset_id=tiny_dataset[1], offline_iterations=1, critic_steps=2, actor_steps=2,
+                    batch_size=16, eval_episodes=1, save_model=True, cuda=False, compile=False)
+    m = qwr.train_offline(args)
+    real_evaluate, envs = qwr.evaluate, []
+    monkeypatch.setattr(qwr, "evaluate", lambda env, *a, **k: envs.append(env) or real_evaluate(env, *a, **k))
+    ev = qwr.train_offline(qwr.Args(**{**vars(args), "checkpoint_path": m["checkpoint"], "eval_only": True}))
+    assert envs == [spec] and len(ev["eval_returns"]) == 1  # one deterministic evaluation, nothing trained
