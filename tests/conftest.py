@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny Minari dataset that the offline scripts' tests read."""
+"""Shared fixtures: a tiny Minari dataset that the offline scripts' tests read; the cuda marker:
+CUDA checks run where a GPU is present and are skipped, saying so, where not."""
 
 import pytest
+import torch
 
 import qwr_continuous
 
@@ -17,3 +19,34 @@ def tiny_dataset(tmp_path_factory):
             env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=2, actor_steps=2,
             batch_size=32, eval_episodes=0, cuda=False, compile=False, save_dataset="mujoco/hopper/local-v0"))
     return str(root / "datasets"), "mujoco/hopper/local-v0"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cuda-checks-on-cpu", action="store_true",
+                     help="run the tests marked cuda on the CPU: checks the tests' own code, not CUDA")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a check of the CUDA path; run where a GPU is present, else skipped")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or config.getoption("--cuda-checks-on-cpu"):
+        return
+    skip = pytest.mark.skip(reason="no GPU here: CUDA checks skipped")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line that says whether the CUDA checks ran, and where."""
+    marked = [r for reports in terminalreporter.stats.values() for r in reports
+              if getattr(r, "when", None) in ("call", "setup") and "cuda" in getattr(r, "keywords", {})]
+    if not marked:
+        return
+    where = (torch.cuda.get_device_name() if torch.cuda.is_available() else
+             "the CPU (--cuda-checks-on-cpu)" if config.getoption("--cuda-checks-on-cpu") else None)
+    ran = len({r.nodeid for r in marked if not r.skipped})
+    terminalreporter.write_line(f"CUDA checks: {ran} ran on {where}" if where else
+                                f"CUDA checks: {len({r.nodeid for r in marked})} skipped, no GPU here")
