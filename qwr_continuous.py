@@ -459,7 +459,7 @@ class Learner:
     actor_opt: torch.optim.Optimizer
     critic_opt: torch.optim.Optimizer
 
-    SAVED = ("actor", "obs_norm", "critic", "actor_opt", "critic_opt")  # the target is re-copied each iteration
+    SAVED = ("actor", "obs_norm", "critic", "actor_opt", "critic_opt")  # and the target, where saved
 
 
 def make_learner(args: Args, obs_dim: int, action_space: gym.spaces.Box, device, obs_norm_limit: int) -> Learner:
@@ -557,19 +557,28 @@ def critic_step(args: Args, b: dict, critic, target, critic_opt, obs_norm) -> to
     return torch.stack([loss.detach(), q.detach().mean(), y.mean()])
 
 
-def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm, step=critic_step) -> dict:
+# What train_critic and train_actor log, and an iteration whose updates have not begun: for each of
+# the two, (steps taken, the mean of each metric over them).
+CRITIC_METRICS = ("critic_loss", "q_mean", "target_mean")
+ACTOR_METRICS = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
+NOT_BEGUN = dict(critic=(0, (0.0,) * len(CRITIC_METRICS)), actor=(0, (0.0,) * len(ACTOR_METRICS)))
+
+
+def train_critic(args: Args, buffer: ReplayBuffer, critic, target, critic_opt, obs_norm, step=critic_step,
+                 done: tuple = NOT_BEGUN["critic"]) -> dict:
     """Algorithm 2 lines 6-15, with the multi-step targets of Appendix 6.4; `step` is
-    critic_step or its compiled twin."""
-    sums, taken = torch.zeros(3, device=buffer.device), 0
-    for i in range(args.critic_steps):
+    critic_step or its compiled twin. done: the steps of this iteration already taken and their
+    mean metrics (a stopped run going on). Returns the mean metrics of the iteration's steps
+    and "critic_steps", the number taken."""
+    sums, taken = torch.tensor(done[1], device=buffer.device) * done[0], done[0]
+    for i in range(done[0], args.critic_steps):
         if Stop.signal:
             break
         if i % args.target_update_every == 0:  # Alg. 2 l.8-9: the target network is the critic of now
             target.load_state_dict(critic.state_dict())
         b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11: (s, mu, a, r, s'), T steps on
         sums, taken = sums + step(args, b, critic, target, critic_opt, obs_norm), taken + 1
-    loss, q_mean, y_mean = (sums / max(1, taken)).tolist()
-    return {"critic_loss": loss, "q_mean": q_mean, "target_mean": y_mean}
+    return dict(zip(CRITIC_METRICS, (sums / max(1, taken)).tolist()), critic_steps=taken)
 
 
 def actor_step(args: Args, b: dict, actor, critic, actor_opt, obs_norm) -> torch.Tensor:
@@ -596,17 +605,17 @@ def actor_step(args: Args, b: dict, actor, critic, actor_opt, obs_norm) -> torch
                         q.std(-1, correction=0).mean(), weights.std(-1, correction=0).mean()])
 
 
-def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm, step=actor_step) -> dict:
+def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_norm, step=actor_step,
+                done: tuple = NOT_BEGUN["actor"]) -> dict:
     """Algorithm 2 lines 16-22: weighted regression on k actions from the stored mu; `step` is
-    actor_step or its compiled twin."""
-    sums, taken = torch.zeros(5, device=buffer.device), 0
-    for _ in range(args.actor_steps):
+    actor_step or its compiled twin; done, and "actor_steps" returned, as in train_critic."""
+    sums, taken = torch.tensor(done[1], device=buffer.device) * done[0], done[0]
+    for _ in range(done[0], args.actor_steps):
         if Stop.signal:
             break
         b = buffer.sample(args.batch_size, 1)  # Alg. 2 l.17: (s, mu)
         sums, taken = sums + step(args, b, actor, critic, actor_opt, obs_norm), taken + 1
-    names = ("actor_loss", "clipped_weight_fraction", "mean_at_bound_fraction", "q_spread", "weight_spread")
-    return dict(zip(names, (sums / max(1, taken)).tolist()))
+    return dict(zip(ACTOR_METRICS, (sums / max(1, taken)).tolist()), actor_steps=taken)
 
 
 def compiled(fn, args: Args, device: torch.device):
@@ -694,8 +703,9 @@ def open_writer(args: Args, run_name: str) -> SummaryWriter:
     return writer
 
 
-def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]) -> tuple[int, Optional[str]]:
-    """Load --checkpoint-path into learner (and buffer, online); return its iteration and run name.
+def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]) -> tuple:
+    """Load --checkpoint-path into learner (and buffer, online); return its iterations done, run
+    name, and the steps done of the next iteration where it stopped inside one (or None).
     A file that does not fit this run is refused with one line naming it and the mismatch."""
     path = args.checkpoint_path
     try:
@@ -712,6 +722,8 @@ def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]
             getattr(learner, k).load_state_dict(ckpt[k])
         except (RuntimeError, ValueError, KeyError) as e:  # another network size, head or optimiser
             raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
+    if "target" in ckpt and not args.eval_only:  # the target of the moment (a stop between two copies)
+        learner.target.load_state_dict(ckpt["target"])
     if buffer is not None and not args.eval_only:
         if ckpt["buffer"]["obs"].shape != buffer.data["obs"].shape:
             raise UsageError(f"{path}: resume with the checkpoint's --buffer-size and --num-envs")
@@ -723,16 +735,19 @@ def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]
         np_state = ckpt["rng"]["numpy"]
         np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
         torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["iteration"], ckpt.get("run_name")
+    return ckpt["iteration"], ckpt.get("run_name"), ckpt.get("partial")
 
 
 def save_checkpoint(path: str, args: Args, learner: Learner, iteration: int, run_name: str,
-                    buffer: Optional[ReplayBuffer]) -> None:
+                    buffer: Optional[ReplayBuffer], partial: Optional[dict] = None) -> None:
+    """iteration: the iterations done; partial: the critic and actor steps done of the next one,
+    whose steps are already collected, when a stop came between two of its gradient steps."""
     np_state = np.random.get_state()
     rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
                torch=torch.get_rng_state())
     ckpt = {k: getattr(learner, k).state_dict() for k in Learner.SAVED} | dict(
-        script=SCRIPT, args=asdict(args), iteration=iteration, run_name=run_name, rng=rng,
+        script=SCRIPT, args=asdict(args), iteration=iteration, partial=partial, run_name=run_name, rng=rng,
+        target=learner.target.state_dict(),
         buffer=buffer and buffer.data, buffer_ptr=buffer and buffer.ptr, buffer_size=buffer and buffer.size)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
@@ -777,23 +792,36 @@ def evaluate_checkpoint(args: Args, env, device) -> dict:
     EnvSpec, whose arguments its id alone would lose), deterministic; nothing is trained."""
     spaces = check_env(env)
     learner = make_learner(args, spaces.observation_space.shape[0], spaces.action_space, device, 1)
-    _, run_name = load_checkpoint(args, learner, None)
+    _, run_name, _ = load_checkpoint(args, learner, None)
     returns = evaluate(env, args.eval_episodes, learner.actor, learner.obs_norm, device, args.seed + 10_000,
                        f"videos/{run_name or args.exp_name}" if args.capture_video else None)
     print(f"eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes")
     return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
 
 
-def exit_interrupted(args: Args, learner: Learner, iteration: int, run_name: str, buffer=None) -> None:
-    """After Stop.signal: save the run as it stands and exit with the command that resumes it."""
+def stop_inside(args: Args, learner: Learner, metrics: dict, iteration: int, run_name: str, buffer=None) -> None:
+    """After an iteration's updates: if a Stop cut them short, save the run with the steps taken and
+    their mean metrics (the resumed run takes the rest and logs the iteration as a whole) and exit."""
+    done = dict(critic=(metrics["critic_steps"], [metrics[k] for k in CRITIC_METRICS]),
+                actor=(metrics["actor_steps"], [metrics[k] for k in ACTOR_METRICS]))
+    if Stop.signal and (done["critic"][0] < args.critic_steps or done["actor"][0] < args.actor_steps):
+        exit_interrupted(args, learner, iteration, run_name, buffer, done)
+
+
+def exit_interrupted(args: Args, learner: Learner, iteration: int, run_name: str, buffer=None,
+                     partial: Optional[dict] = None) -> None:
+    """After Stop.signal: save the run as it stands (iteration done, and the steps done of the
+    next one) and exit with the command that resumes it."""
     path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
-    save_checkpoint(path, args, learner, iteration, run_name, buffer)
+    save_checkpoint(path, args, learner, iteration, run_name, buffer, partial)
     defaults = asdict(Args())
     flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
              else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items() if v != defaults[k]
              and k != "checkpoint_path"]
     command = shlex.join(["python", SCRIPT, *flags, f"--checkpoint-path={path}"])
-    print(f"stopped by {signal.Signals(Stop.signal).name} after iteration {iteration}, saved; resume with: {command}",
+    where = (f"in iteration {iteration + 1}, after {partial['critic'][0]} of {args.critic_steps} critic and "
+             f"{partial['actor'][0]} of {args.actor_steps} actor steps" if partial else f"after iteration {iteration}")
+    print(f"stopped by {signal.Signals(Stop.signal).name} {where}, saved; resume with: {command}",
           file=sys.stderr, flush=True)
     raise SystemExit(128 + Stop.signal)
 
@@ -818,9 +846,9 @@ def train(args: Args) -> dict:
     learner = make_learner(args, obs_dim, envs.single_action_space, device, args.obs_norm_sample_limit)
     buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim,
                           envs.single_action_space.shape[0], device)
-    start = 0
+    start, partial = 0, None
     if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
-        start, saved_name = load_checkpoint(args, learner, buffer)
+        start, saved_name, partial = load_checkpoint(args, learner, buffer)
         run_name = saved_name or run_name
     writer = open_writer(args, run_name)
     critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
@@ -831,22 +859,27 @@ def train(args: Args) -> dict:
     collected, metrics, start_time = [], {}, time.time()
     for iteration in range(start, n_iterations):  # Alg. 2 l.4
         iteration_start = time.time()
-        # Alg. 2 l.5: add trajectories sampled by pi_theta to D, each step with the mu that chose it.
-        rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, learner.actor,
-                                         learner.obs_norm, args.action_std, device)
-        learner.obs_norm.update(rollout["obs"])
-        buffer.add(rollout)
-        if args.save_dataset:
-            collected.append({k: v.cpu() for k, v in rollout.items()})
         step = (iteration + 1) * args.steps_per_iteration
+        # A run stopped inside this iteration's updates has collected its steps: it takes the remaining updates.
+        done = partial if iteration == start and partial else NOT_BEGUN
+        episodes = []
+        if done is NOT_BEGUN:
+            # Alg. 2 l.5: add trajectories sampled by pi_theta to D, each step with the mu that chose it.
+            rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, learner.actor,
+                                             learner.obs_norm, args.action_std, device)
+            learner.obs_norm.update(rollout["obs"])
+            buffer.add(rollout)
+            if args.save_dataset:
+                collected.append({k: v.cpu() for k, v in rollout.items()})
         for ret, length in episodes:
             writer.add_scalar("charts/episodic_return", ret, step)
             writer.add_scalar("charts/episodic_length", length, step)
 
         metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm,
-                               critic_update)
+                               critic_update, done["critic"])
         metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm,
-                               actor_update)
+                               actor_update, done["actor"])
+        stop_inside(args, learner, metrics, iteration, run_name, buffer)
 
         sps = int((step - start * args.steps_per_iteration) / (time.time() - start_time))
         metrics |= dict(iteration=iteration + 1, global_step=step, sps=sps,
@@ -860,7 +893,7 @@ def train(args: Args) -> dict:
         line += end_of_iteration(args, writer, learner, metrics, step, evaluate_now, run_name, device, buffer=buffer)
         print(f"{line} | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f} | {sps} SPS, "
               f"{metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
-        if Stop.signal:  # this iteration's remaining updates are skipped
+        if Stop.signal:
             exit_interrupted(args, learner, iteration + 1, run_name, buffer)
     envs.close()
     writer.close()
@@ -895,9 +928,9 @@ def train_offline(args: Args) -> dict:
     # Normalised by the statistics of the whole dataset.
     learner = make_learner(args, env.observation_space.shape[0], env.action_space, device, buffer.size)
     learner.obs_norm.update(buffer.data["obs"])
-    start = 0
+    start, partial = 0, None
     if args.checkpoint_path:
-        start, saved_name = load_checkpoint(args, learner, None)
+        start, saved_name, partial = load_checkpoint(args, learner, None)
         run_name = saved_name or run_name
     writer = open_writer(args, run_name)
     critic_update, actor_update = compiled(critic_step, args, device), compiled(actor_step, args, device)
@@ -909,10 +942,12 @@ def train_offline(args: Args) -> dict:
     metrics, start_time = {}, time.time()
     for iteration in range(start, args.offline_iterations):  # the x-axis counts iterations: no env steps
         iteration_start = time.time()
+        done = partial if iteration == start and partial else NOT_BEGUN
         metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm,
-                               critic_update)
+                               critic_update, done["critic"])
         metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm,
-                               actor_update)
+                               actor_update, done["actor"])
+        stop_inside(args, learner, metrics, iteration, run_name)
         metrics |= dict(iteration=iteration + 1, global_step=iteration + 1, dataset_return=dataset_return,
                         seconds_per_iteration=time.time() - iteration_start)
         evaluate_now = (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.offline_iterations

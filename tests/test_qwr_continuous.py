@@ -1,5 +1,10 @@
 """qwr_continuous.py's replay buffer, data collection and normaliser: episode
-boundaries and the stored sampling policy (its runs and errors: test_scripts.py)."""
+boundaries and the stored sampling policy; a run stopped inside an iteration (its runs
+and errors: test_scripts.py)."""
+
+import signal
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +255,48 @@ def test_compiled_updates_give_the_eager_losses():
     eager, fast = results
     for key in eager:
         assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("phase, after", [("critic", 3), ("actor", 2)])
+def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_iteration(phase, after, tmp_path,
+                                                                                           monkeypatch):
+    # Stopped in the last of two iterations, after `after` of its 6 critic (or actor) steps, then resumed:
+    # the networks, the target and the optimisers are those of the run that was not stopped, bit for bit
+    # (CPU, eager), and so, to rounding, are the iteration's logged losses. The target is copied every 4 critic steps, so a stop at 3
+    # needs the target of the moment.
+    args = qwr.Args(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=6, actor_steps=6,
+                    target_update_every=4, batch_size=16, buffer_size=1000, eval_every=2, eval_episodes=1,
+                    save_model=True, cuda=False, compile=False)
+    monkeypatch.setattr(qwr.Stop, "signal", None)
+    runs = {}
+    for name in ("whole", "stopped"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        if name == "stopped":
+            real_step, calls = getattr(qwr, f"{phase}_step"), []
+
+            def stopping_step(*a, **k):  # a signal arrives during step 6 + after, in iteration 2
+                calls.append(1)
+                if len(calls) == 6 + after:
+                    qwr.Stop.signal = signal.SIGINT
+                return real_step(*a, **k)
+
+            monkeypatch.setattr(qwr, f"{phase}_step", stopping_step)
+            with pytest.raises(SystemExit):
+                qwr.train(args)
+            monkeypatch.setattr(qwr, f"{phase}_step", real_step)
+            qwr.Stop.signal = None
+            saved = torch.load(next(Path("runs").glob("*/qwr_continuous.pt")), weights_only=False)
+            assert saved["iteration"] == 1 and saved["partial"][phase][0] == after
+            args = replace(args, checkpoint_path=str(next(Path("runs").glob("*/qwr_continuous.pt")).resolve()))
+        m = qwr.train(args)
+        runs[name] = m, torch.load(m["checkpoint"], weights_only=False)
+    (whole, whole_ckpt), (resumed, resumed_ckpt) = runs["whole"], runs["stopped"]
+    for key in ("critic_loss", "actor_loss", "q_mean"):  # the mean over the whole iteration (restored from a mean)
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    for part in ("actor", "critic", "target"):
+        for name, tensor in whole_ckpt[part].items():
+            assert torch.equal(resumed_ckpt[part][name], tensor), (part, name)
+    for opt in ("actor_opt", "critic_opt"):
+        for i, state in whole_ckpt[opt]["state"].items():
+            assert all(torch.equal(resumed_ckpt[opt]["state"][i][k], v) for k, v in state.items()), (opt, i)
