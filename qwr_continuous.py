@@ -722,6 +722,10 @@ def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]
             getattr(learner, k).load_state_dict(ckpt[k])
         except (RuntimeError, ValueError, KeyError) as e:  # another network size, head or optimiser
             raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
+    steps_flags = ("critic_steps", "actor_steps", "target_update_every")
+    if ckpt.get("partial") and not args.eval_only and any(ckpt["args"][k] != getattr(args, k) for k in steps_flags):
+        wanted = " ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in steps_flags)
+        raise UsageError(f"{path} stopped inside an iteration's updates: resume it with {wanted}")
     if "target" in ckpt and not args.eval_only:  # the target of the moment (a stop between two copies)
         learner.target.load_state_dict(ckpt["target"])
     if buffer is not None and not args.eval_only:
@@ -753,16 +757,21 @@ def save_checkpoint(path: str, args: Args, learner: Learner, iteration: int, run
     os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
 
 
-def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: int, evaluate_now: bool,
-                     run_name: str, device, refs: Optional[tuple] = None, buffer=None, eval_env=None) -> str:
-    """Log an iteration's metrics; when evaluate_now, evaluate the policy (deterministic and
-    sampled; in eval_env, an offline dataset's EnvSpec, else in --env-id) and write a checkpoint
-    if asked. Returns the status line's evaluation part."""
+def check_finite(args: Args, metrics: dict, step: int) -> None:
+    """A FloatingPointError naming the sensitive flags set away from their defaults, if a loss is not finite."""
     if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
         defaults = Args()
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE if getattr(args, k) != getattr(defaults, k)]
         raise FloatingPointError(f"non-finite losses at step {step} (critic {metrics['critic_loss']}, actor "
                                  f"{metrics['actor_loss']}); likely cause: {', '.join(changed) or 'none of the flags'}")
+
+
+def end_of_iteration(args: Args, writer, learner: Learner, metrics: dict, step: int, evaluate_now: bool,
+                     run_name: str, device, refs: Optional[tuple] = None, buffer=None, eval_env=None) -> str:
+    """Log an iteration's metrics; when evaluate_now, evaluate the policy (deterministic and
+    sampled; in eval_env, an offline dataset's EnvSpec, else in --env-id) and write a checkpoint
+    if asked. Returns the status line's evaluation part."""
+    check_finite(args, metrics, step)
     for k in ("critic_loss", "actor_loss", "q_mean", "target_mean", "clipped_weight_fraction"):
         writer.add_scalar(f"losses/{k}", metrics[k], step)
     for k in ("mean_at_bound_fraction", "q_spread", "weight_spread"):
@@ -799,12 +808,15 @@ def evaluate_checkpoint(args: Args, env, device) -> dict:
     return {"eval_return": float(returns.mean()), "eval_returns": returns.tolist()}
 
 
-def stop_inside(args: Args, learner: Learner, metrics: dict, iteration: int, run_name: str, buffer=None) -> None:
-    """After an iteration's updates: if a Stop cut them short, save the run with the steps taken and
-    their mean metrics (the resumed run takes the rest and logs the iteration as a whole) and exit."""
+def stop_inside(args: Args, learner: Learner, metrics: dict, iteration: int, step: int, run_name: str, buffer=None,
+                **progress) -> None:
+    """After an iteration's updates: if a Stop cut them short, save the run with the steps taken,
+    their mean metrics and `progress` (the iteration's seconds so far and its episodes), so that the
+    resumed run takes the rest and logs the iteration as a whole; then exit."""
     done = dict(critic=(metrics["critic_steps"], [metrics[k] for k in CRITIC_METRICS]),
-                actor=(metrics["actor_steps"], [metrics[k] for k in ACTOR_METRICS]))
+                actor=(metrics["actor_steps"], [metrics[k] for k in ACTOR_METRICS]), **progress)
     if Stop.signal and (done["critic"][0] < args.critic_steps or done["actor"][0] < args.actor_steps):
+        check_finite(args, metrics, step)  # a diverged run is not saved over its last good checkpoint
         exit_interrupted(args, learner, iteration, run_name, buffer, done)
 
 
@@ -817,8 +829,10 @@ def exit_interrupted(args: Args, learner: Learner, iteration: int, run_name: str
     defaults = asdict(Args())
     flags = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
              else f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items() if v != defaults[k]
-             and k != "checkpoint_path"]
+             and k not in ("checkpoint_path", "save_dataset")]
     command = shlex.join(["python", SCRIPT, *flags, f"--checkpoint-path={path}"])
+    if args.save_dataset:  # it needs every step of one process (check_args)
+        command += f" (no dataset: --save-dataset {args.save_dataset} needs a run from scratch)"
     where = (f"in iteration {iteration + 1}, after {partial['critic'][0]} of {args.critic_steps} critic and "
              f"{partial['actor'][0]} of {args.actor_steps} actor steps" if partial else f"after iteration {iteration}")
     print(f"stopped by {signal.Signals(Stop.signal).name} {where}, saved; resume with: {command}",
@@ -856,13 +870,14 @@ def train(args: Args) -> dict:
     print(f"QWR-{args.backup} on {args.env_id} ({device}), {n_iterations} iterations, logs in runs/{run_name}")
     # A resumed run restarts its episodes; a new seed keeps them from repeating the first iteration's.
     obs, _ = envs.reset(seed=args.seed + start)
-    collected, metrics, start_time = [], {}, time.time()
+    # (a run stopped inside an iteration counts that iteration's seconds before the stop)
+    collected, metrics, start_time = [], {}, time.time() - (partial or {}).get("seconds", 0.0)
     for iteration in range(start, n_iterations):  # Alg. 2 l.4
-        iteration_start = time.time()
         step = (iteration + 1) * args.steps_per_iteration
         # A run stopped inside this iteration's updates has collected its steps: it takes the remaining updates.
         done = partial if iteration == start and partial else NOT_BEGUN
-        episodes = []
+        iteration_start = time.time() - done.get("seconds", 0.0)
+        episodes = done.get("episodes", [])  # a stopped run's, logged by it
         if done is NOT_BEGUN:
             # Alg. 2 l.5: add trajectories sampled by pi_theta to D, each step with the mu that chose it.
             rollout, obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, learner.actor,
@@ -871,15 +886,16 @@ def train(args: Args) -> dict:
             buffer.add(rollout)
             if args.save_dataset:
                 collected.append({k: v.cpu() for k, v in rollout.items()})
-        for ret, length in episodes:
-            writer.add_scalar("charts/episodic_return", ret, step)
-            writer.add_scalar("charts/episodic_length", length, step)
+            for ret, length in episodes:
+                writer.add_scalar("charts/episodic_return", ret, step)
+                writer.add_scalar("charts/episodic_length", length, step)
 
         metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm,
                                critic_update, done["critic"])
         metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm,
                                actor_update, done["actor"])
-        stop_inside(args, learner, metrics, iteration, run_name, buffer)
+        stop_inside(args, learner, metrics, iteration, step, run_name, buffer, episodes=episodes,
+                    seconds=time.time() - iteration_start)
 
         sps = int((step - start * args.steps_per_iteration) / (time.time() - start_time))
         metrics |= dict(iteration=iteration + 1, global_step=step, sps=sps,
@@ -909,7 +925,7 @@ def train_offline(args: Args) -> dict:
     mu = N(action taken, --action-std) at every state; returns the final metrics."""
     check_args(args, offline=True)
     device = seed_and_device(args)
-    if args.eval_only:  # the checkpoint's policy in the dataset's evaluation env; its steps are not needed
+    if args.eval_only:  # the checkpoint's policy in the dataset's evaluation env; no buffer of its steps
         env_spec = eval_env_spec(open_dataset(args.offline_dataset_id, args.download), args.offline_dataset_id)
     else:
         buffer, env_spec, refs = load_dataset(args.offline_dataset_id, args.download, args.action_std, device)
@@ -941,13 +957,13 @@ def train_offline(args: Args) -> dict:
           f"{dataset_return:.1f}; {device}), {args.offline_iterations} iterations, logs in runs/{run_name}")
     metrics, start_time = {}, time.time()
     for iteration in range(start, args.offline_iterations):  # the x-axis counts iterations: no env steps
-        iteration_start = time.time()
         done = partial if iteration == start and partial else NOT_BEGUN
+        iteration_start = time.time() - done.get("seconds", 0.0)
         metrics = train_critic(args, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm,
                                critic_update, done["critic"])
         metrics |= train_actor(args, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm,
                                actor_update, done["actor"])
-        stop_inside(args, learner, metrics, iteration, run_name)
+        stop_inside(args, learner, metrics, iteration, iteration + 1, run_name, seconds=time.time() - iteration_start)
         metrics |= dict(iteration=iteration + 1, global_step=iteration + 1, dataset_return=dataset_return,
                         seconds_per_iteration=time.time() - iteration_start)
         evaluate_now = (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.offline_iterations

@@ -257,46 +257,114 @@ def test_compiled_updates_give_the_eager_losses():
         assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
+STOPPABLE = qwr.Args(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=6, actor_steps=6,
+                     target_update_every=4, batch_size=16, buffer_size=1000, eval_every=2, eval_episodes=1,
+                     save_model=True, cuda=False, compile=False)
+
+
+def stop_in_iteration_2(args: qwr.Args, phase: str, after: int, monkeypatch) -> Path:
+    """Run args in the current directory with a signal arriving during gradient step `after` + 1 of
+    `phase` ("critic" or "actor") in iteration 2; returns the checkpoint the stopped run wrote."""
+    monkeypatch.setattr(qwr.Stop, "signal", None)
+    real_step, calls = getattr(qwr, f"{phase}_step"), []
+
+    def stopping_step(*a, **k):
+        calls.append(1)
+        if len(calls) == args.critic_steps + after:  # (critic_steps = actor_steps here)
+            qwr.Stop.signal = signal.SIGINT
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(qwr, f"{phase}_step", stopping_step)
+    with pytest.raises(SystemExit):
+        qwr.train(args)
+    monkeypatch.setattr(qwr, f"{phase}_step", real_step)
+    qwr.Stop.signal = None
+    return next(Path("runs").glob("*/qwr_continuous.pt")).resolve()
+
+
+def counting_steps(monkeypatch) -> dict:
+    """Count the critic and actor gradient steps taken from now on."""
+    counts = {"critic": 0, "actor": 0}
+    for phase in counts:
+        def counted(*a, _phase=phase, _real=getattr(qwr, f"{phase}_step"), **k):
+            counts[_phase] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(qwr, f"{phase}_step", counted)
+    return counts
+
+
 @pytest.mark.parametrize("phase, after", [("critic", 3), ("actor", 2)])
 def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_iteration(phase, after, tmp_path,
                                                                                            monkeypatch):
     # Stopped in the last of two iterations, after `after` of its 6 critic (or actor) steps, then resumed:
-    # the networks, the target and the optimisers are those of the run that was not stopped, bit for bit
-    # (CPU, eager), and so, to rounding, are the iteration's logged losses. The target is copied every 4 critic steps, so a stop at 3
-    # needs the target of the moment.
-    args = qwr.Args(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=6, actor_steps=6,
-                    target_update_every=4, batch_size=16, buffer_size=1000, eval_every=2, eval_episodes=1,
-                    save_model=True, cuda=False, compile=False)
-    monkeypatch.setattr(qwr.Stop, "signal", None)
-    runs = {}
+    # the resumed run takes only the rest of the iteration's steps, and the networks, the target and the
+    # optimisers are those of the run that was not stopped, bit for bit (CPU, eager); so, to rounding, are
+    # the iteration's logged losses, and its training return is there. The target is copied every 4 critic
+    # steps, so a stop at 3 needs the target of the moment.
     for name in ("whole", "stopped"):
         (tmp_path / name).mkdir()
-        monkeypatch.chdir(tmp_path / name)
-        if name == "stopped":
-            real_step, calls = getattr(qwr, f"{phase}_step"), []
-
-            def stopping_step(*a, **k):  # a signal arrives during step 6 + after, in iteration 2
-                calls.append(1)
-                if len(calls) == 6 + after:
-                    qwr.Stop.signal = signal.SIGINT
-                return real_step(*a, **k)
-
-            monkeypatch.setattr(qwr, f"{phase}_step", stopping_step)
-            with pytest.raises(SystemExit):
-                qwr.train(args)
-            monkeypatch.setattr(qwr, f"{phase}_step", real_step)
-            qwr.Stop.signal = None
-            saved = torch.load(next(Path("runs").glob("*/qwr_continuous.pt")), weights_only=False)
-            assert saved["iteration"] == 1 and saved["partial"][phase][0] == after
-            args = replace(args, checkpoint_path=str(next(Path("runs").glob("*/qwr_continuous.pt")).resolve()))
-        m = qwr.train(args)
-        runs[name] = m, torch.load(m["checkpoint"], weights_only=False)
-    (whole, whole_ckpt), (resumed, resumed_ckpt) = runs["whole"], runs["stopped"]
-    for key in ("critic_loss", "actor_loss", "q_mean"):  # the mean over the whole iteration (restored from a mean)
+    monkeypatch.chdir(tmp_path / "whole")
+    whole = qwr.train(STOPPABLE)
+    whole_ckpt = torch.load(whole["checkpoint"], weights_only=False)
+    monkeypatch.chdir(tmp_path / "stopped")
+    path = stop_in_iteration_2(STOPPABLE, phase, after, monkeypatch)
+    saved = torch.load(path, weights_only=False)
+    assert saved["iteration"] == 1 and saved["partial"][phase][0] == after
+    counts = counting_steps(monkeypatch)
+    resumed = qwr.train(replace(STOPPABLE, checkpoint_path=str(path)))
+    assert counts == {"critic": 6 - after if phase == "critic" else 0, "actor": 6 - after if phase == "actor" else 6}
+    for key in ("critic_loss", "actor_loss", "q_mean", "episodic_return"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    resumed_ckpt = torch.load(resumed["checkpoint"], weights_only=False)
     for part in ("actor", "critic", "target"):
         for name, tensor in whole_ckpt[part].items():
             assert torch.equal(resumed_ckpt[part][name], tensor), (part, name)
     for opt in ("actor_opt", "critic_opt"):
         for i, state in whole_ckpt[opt]["state"].items():
             assert all(torch.equal(resumed_ckpt[opt]["state"][i][k], v) for k, v in state.items()), (opt, i)
+
+
+def test_after_the_rest_of_a_stopped_iteration_the_next_one_is_whole(tmp_path, monkeypatch):
+    # Three iterations, stopped after 3 critic steps of the second: the resumed run takes 3 + 6 critic steps
+    # and 6 + 6 actor steps, and collects the third iteration's steps.
+    monkeypatch.chdir(tmp_path)
+    args = replace(STOPPABLE, total_timesteps=300, eval_every=3)
+    path = stop_in_iteration_2(args, "critic", 3, monkeypatch)
+    # A checkpoint stopped inside an iteration resumes only with the step counts it was stopped with.
+    with pytest.raises(qwr.UsageError, match="resume it with --critic-steps 6 --actor-steps 6 --target-update-every 4"):
+        qwr.train(replace(args, checkpoint_path=str(path), critic_steps=8))
+    counts = counting_steps(monkeypatch)
+    resumed = qwr.train(replace(args, checkpoint_path=str(path)))
+    assert counts == {"critic": 9, "actor": 12} and resumed["global_step"] == 300
+
+
+def test_a_diverged_run_stopped_inside_an_iteration_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
+    # The critic's losses turn NaN in iteration 2, whose updates a signal then cuts short: the run ends with
+    # the FloatingPointError, and the checkpoint of iteration 1 stays as it was.
+    monkeypatch.chdir(tmp_path)
+    real_step, calls = qwr.critic_step, []
+
+    def nan_step(*a, **k):
+        calls.append(1)
+        out = real_step(*a, **k)
+        return out * float("nan") if len(calls) > 6 else out
+
+    monkeypatch.setattr(qwr, "critic_step", nan_step)
+    with pytest.raises(FloatingPointError, match="non-finite losses at step 200"):
+        stop_in_iteration_2(replace(STOPPABLE, eval_every=1), "critic", 3, monkeypatch)
+    assert torch.load(next(Path("runs").glob("*/qwr_continuous.pt")), weights_only=False)["iteration"] == 1
+
+
+def test_the_resume_command_of_a_stopped_save_dataset_run_leaves_the_dataset_out(tmp_path, monkeypatch, capsys):
+    # --save-dataset needs a run from scratch (check_args refuses it with --checkpoint-path): the printed
+    # command must still resume, so it leaves the flag out and says so.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qwr.Stop, "signal", signal.SIGTERM)
+    args = replace(STOPPABLE, save_dataset="local/hopper/some-v0")
+    Path("runs/run").mkdir(parents=True)
+    learner = qwr.make_learner(args, 11, qwr.gym.spaces.Box(-1, 1, (3,)), "cpu", 1000)
+    with pytest.raises(SystemExit):
+        qwr.exit_interrupted(args, learner, 1, "run")
+    command = capsys.readouterr().err.split("resume with: ")[1]
+    assert "--save-dataset" not in command.split(" (")[0] and "(no dataset: --save-dataset local/hopper/some-v0" in command
+    qwr.check_args(replace(args, save_dataset=None, checkpoint_path="runs/run/qwr_continuous.pt"), offline=False)
