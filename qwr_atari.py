@@ -450,18 +450,26 @@ def critic_step(args: Args, b: dict, critic, target, critic_opt) -> torch.Tensor
     return torch.stack([loss.detach(), q.detach().mean()])
 
 
-def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_opt, step=critic_step) -> dict:
-    """Algorithm 2 lines 6-15; `step` is critic_step or its compiled twin."""
-    sums, taken = torch.zeros(2, device=buffer.device), 0
-    for i in range(args.critic_steps):
+# What train_critic and train_actor log, and an iteration whose updates have not begun: for each of
+# the two, (steps taken, the mean of each metric over them).
+CRITIC_METRICS, ACTOR_METRICS = ("critic_loss", "q_mean"), ("actor_loss",)
+NOT_BEGUN = dict(critic=(0, (0.0,) * len(CRITIC_METRICS)), actor=(0, (0.0,) * len(ACTOR_METRICS)))
+
+
+def train_critic(args: Args, buffer: FrameReplayBuffer, critic, target, critic_opt, step=critic_step,
+                 done: tuple = NOT_BEGUN["critic"]) -> dict:
+    """Algorithm 2 lines 6-15; `step` is critic_step or its compiled twin. done: the steps of this
+    iteration already taken and their mean metrics (a stopped run going on). Returns the mean
+    metrics of the iteration's steps and "critic_steps", the number taken."""
+    sums, taken = torch.tensor(done[1], device=buffer.device) * done[0], done[0]
+    for i in range(done[0], args.critic_steps):
         if Stop.signal:
             break
         if i % args.target_update_every == 0:  # Alg. 2 l.8-9
             target.load_state_dict(critic.state_dict())
         b = buffer.sample(args.batch_size, args.target_horizon)  # Alg. 2 l.11
         sums, taken = sums + step(args, b, critic, target, critic_opt), taken + 1
-    loss, q_mean = (sums / max(1, taken)).tolist()
-    return {"critic_loss": loss, "q_mean": q_mean}
+    return dict(zip(CRITIC_METRICS, (sums / max(1, taken)).tolist()), critic_steps=taken)
 
 
 def actor_step(args: Args, b: dict, actor, critic, actor_opt) -> torch.Tensor:
@@ -476,15 +484,17 @@ def actor_step(args: Args, b: dict, actor, critic, actor_opt) -> torch.Tensor:
     return loss.detach()
 
 
-def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt, step=actor_step) -> dict:
-    """Algorithm 2 lines 16-22; `step` is actor_step or its compiled twin."""
-    sums, taken = torch.zeros(1, device=buffer.device), 0
-    for _ in range(args.actor_steps):
+def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt, step=actor_step,
+                done: tuple = NOT_BEGUN["actor"]) -> dict:
+    """Algorithm 2 lines 16-22; `step` is actor_step or its compiled twin; done, and "actor_steps"
+    returned, as in train_critic."""
+    sums, taken = torch.tensor(done[1], device=buffer.device) * done[0], done[0]
+    for _ in range(done[0], args.actor_steps):
         if Stop.signal:
             break
         b = buffer.sample(args.batch_size, 1)
         sums, taken = sums + step(args, b, actor, critic, actor_opt), taken + 1
-    return {"actor_loss": (sums / max(1, taken)).item()}
+    return dict(zip(ACTOR_METRICS, (sums / max(1, taken)).tolist()), actor_steps=taken)
 
 
 def compiled(fn, args: Args, device: torch.device):
@@ -508,7 +518,7 @@ def compiled(fn, args: Args, device: torch.device):
 # ----------------------------------------------------------------------------
 
 SCRIPT = "qwr_atari.py"
-SAVED = ("actor", "critic", "actor_opt", "critic_opt")  # the target is re-copied at each iteration's start
+SAVED = ("actor", "critic", "actor_opt", "critic_opt")  # and the target, where saved
 BUFFER_STATE = ("frames", "frame_count", "episode_first", "ptr", "size")
 # Flags that can break the numbers: a non-finite loss names those set away from their defaults.
 SENSITIVE = ("critic_lr", "actor_lr", "tau", "backup_scale", "beta", "max_weight", "gamma", "scale_value_targets")
@@ -532,8 +542,9 @@ class Stop:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def load_checkpoint(args: Args, state: dict, buffer: FrameReplayBuffer, device) -> tuple[int, Optional[str]]:
-    """Load --checkpoint-path into the networks, optimisers and buffer; return its iteration and run name.
+def load_checkpoint(args: Args, state: dict, buffer: FrameReplayBuffer, device) -> tuple:
+    """Load --checkpoint-path into the networks, optimisers and buffer; return its iterations done,
+    run name, and the steps done of the next iteration where it stopped inside one (or None).
     A file that does not fit this run is refused with one line naming it and the mismatch."""
     path = args.checkpoint_path
     try:
@@ -550,6 +561,12 @@ def load_checkpoint(args: Args, state: dict, buffer: FrameReplayBuffer, device) 
             state[k].load_state_dict(ckpt[k])
         except (RuntimeError, ValueError, KeyError) as e:  # another torso, head or number of actions
             raise UsageError(f"{path}: its {k} does not fit this run's ({str(e).strip().splitlines()[-1][:160]})")
+    steps_flags = ("critic_steps", "actor_steps", "target_update_every")
+    if ckpt.get("partial") and not args.eval_only and any(ckpt["args"][k] != getattr(args, k) for k in steps_flags):
+        wanted = " ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in steps_flags)
+        raise UsageError(f"{path} stopped inside an iteration's updates: resume it with {wanted}")
+    if "target" in ckpt and not args.eval_only:  # the target of the moment (a stop between two copies)
+        state["target"].load_state_dict(ckpt["target"])
     if not args.eval_only:
         if ckpt["buffer"]["data"]["frame"].shape != buffer.data["frame"].shape:
             raise UsageError(f"{path}: resume with the checkpoint's --buffer-size and --num-envs")
@@ -563,16 +580,19 @@ def load_checkpoint(args: Args, state: dict, buffer: FrameReplayBuffer, device) 
             np_state = ckpt["rng"]["numpy"]
             np.random.set_state((np_state[0], np.array(np_state[1], np.uint32), *np_state[2:]))
             torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["iteration"], ckpt.get("run_name")
+    return ckpt["iteration"], ckpt.get("run_name"), ckpt.get("partial")
 
 
 def save_checkpoint(path: str, args: Args, state: dict, buffer: FrameReplayBuffer, iteration: int,
-                    run_name: str) -> None:
+                    run_name: str, partial: Optional[dict] = None) -> None:
+    """iteration: the iterations done; partial: the critic and actor steps done of the next one (with
+    their mean losses, its seconds and episodes so far), when a stop came inside its updates."""
     np_state = np.random.get_state()
     rng = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
                torch=torch.get_rng_state())
     torch.save({k: state[k].state_dict() for k in SAVED} | dict(
-        script=SCRIPT, args=asdict(args), iteration=iteration, run_name=run_name, rng=rng,
+        script=SCRIPT, args=asdict(args), iteration=iteration, partial=partial, run_name=run_name, rng=rng,
+        target=state["target"].state_dict(),
         buffer={"data": buffer.data}, buffer_state={k: getattr(buffer, k) for k in BUFFER_STATE}), path + ".tmp")
     os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
 
@@ -606,11 +626,11 @@ def train(args: Args) -> dict:
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     buffer = FrameReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, n_actions, device)
-    state = dict(actor=actor, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
+    state = dict(actor=actor, critic=critic, target=target, actor_opt=actor_opt, critic_opt=critic_opt)
 
-    start = 0
+    start, partial = 0, None
     if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
-        start, saved_name = load_checkpoint(args, state, buffer, device)
+        start, saved_name, partial = load_checkpoint(args, state, buffer, device)
         run_name = saved_name or run_name
     if args.eval_only:
         returns = evaluate(args, actor, device, args.seed + 10_000,
@@ -627,24 +647,42 @@ def train(args: Args) -> dict:
     # A resumed run restarts its games; a new seed keeps them from repeating the first iteration's.
     obs, _ = envs.reset(seed=args.seed + start)
     buffer.push_frames(obs[:, -1], np.arange(args.num_envs), new_episode=True)
-    start_time, start_step = time.time(), start * args.steps_per_iteration
+    # (a run stopped inside an iteration counts that iteration's seconds before the stop)
+    start_time, start_step = time.time() - (partial or {}).get("seconds", 0.0), start * args.steps_per_iteration
     metrics: dict = {}
     for iteration in range(start, n_iterations):  # Alg. 2 l.4
-        iteration_start = time.time()
-        # Alg. 2 l.5: play with the current policy, storing each step's mu.
-        obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, buffer, device)
         global_step = (iteration + 1) * args.steps_per_iteration
-        for ret, length in episodes:
-            writer.add_scalar("charts/episodic_return", ret, global_step)
-            writer.add_scalar("charts/episodic_length", length, global_step)
-        metrics = train_critic(args, buffer, critic, target, critic_opt, critic_update)  # Alg. 2 l.6-15
-        metrics |= train_actor(args, buffer, actor, critic, actor_opt, actor_update)  # Alg. 2 l.16-22
+        # A run stopped inside this iteration's updates has played its steps: it takes the remaining updates.
+        done = partial if iteration == start and partial else NOT_BEGUN
+        iteration_start = time.time() - done.get("seconds", 0.0)
+        episodes = done.get("episodes", [])  # a stopped run's, logged by it
+        if done is NOT_BEGUN:
+            # Alg. 2 l.5: play with the current policy, storing each step's mu.
+            obs, episodes = collect(envs, obs, args.steps_per_iteration // args.num_envs, actor, buffer, device)
+            for ret, length in episodes:
+                writer.add_scalar("charts/episodic_return", ret, global_step)
+                writer.add_scalar("charts/episodic_length", length, global_step)
+        metrics = train_critic(args, buffer, critic, target, critic_opt, critic_update, done["critic"])  # l.6-15
+        metrics |= train_actor(args, buffer, actor, critic, actor_opt, actor_update, done["actor"])  # l.16-22
         if not all(math.isfinite(metrics[k]) for k in ("critic_loss", "actor_loss", "q_mean")):
             changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SENSITIVE
                        if getattr(args, k) != getattr(Args(), k)]
             raise FloatingPointError(f"non-finite losses at step {global_step} (critic {metrics['critic_loss']}, "
                                      f"actor {metrics['actor_loss']}); likely cause: "
                                      f"{', '.join(changed) or 'none of the flags'}")
+        if Stop.signal and (metrics["critic_steps"] < args.critic_steps or metrics["actor_steps"] < args.actor_steps):
+            # Stopped inside the updates: save the steps taken, their mean losses, the iteration's seconds and
+            # episodes so far; the resumed run takes the rest and logs the iteration as a whole.
+            path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
+            save_checkpoint(path, args, state, buffer, iteration, run_name, dict(
+                critic=(metrics["critic_steps"], [metrics[k] for k in CRITIC_METRICS]),
+                actor=(metrics["actor_steps"], [metrics[k] for k in ACTOR_METRICS]),
+                episodes=episodes, seconds=time.time() - iteration_start))
+            print(f"stopped by {signal.Signals(Stop.signal).name} in iteration {iteration + 1}, after "
+                  f"{metrics['critic_steps']} of {args.critic_steps} critic and {metrics['actor_steps']} of "
+                  f"{args.actor_steps} actor steps, saved; resume with: {resume_command(args, path)}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + Stop.signal)
 
         sps = int((global_step - start_step) / (time.time() - start_time))
         metrics |= dict(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
@@ -666,7 +704,7 @@ def train(args: Args) -> dict:
                 save_checkpoint(metrics["checkpoint"], args, state, buffer, iteration + 1, run_name)
         print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f}"
               f" | {sps} SPS, {metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
-        if Stop.signal:  # this iteration's remaining updates are skipped; save the run as it stands
+        if Stop.signal:  # after the iteration's updates: save the run as it stands
             path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
             save_checkpoint(path, args, state, buffer, iteration + 1, run_name)
             print(f"stopped by {signal.Signals(Stop.signal).name} after iteration {iteration + 1}, saved; resume "

@@ -1,11 +1,14 @@
 """qwr_atari.py: preprocessing, the single-frame replay buffer against the
 stacked observations it replaces, the exact discrete actor loss, the sampled
 backups against their exact expectations, the wiring of the critic and actor
-updates (stub networks), a smoke run and its errors."""
+updates (stub networks), a smoke run and its errors, a run stopped inside an
+iteration."""
 
 import dataclasses
 import math
 import re
+import signal
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -336,3 +339,52 @@ def test_extreme_actor_weights_keep_the_loss_and_its_gradient_finite(beta, max_w
     loss = qa.exact_actor_loss(logits, mu / mu.sum(-1, keepdim=True), torch.randn(32, 6) * 1e4, beta, max_weight)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("phase, after", [("critic", 3), ("actor", 2)])
+def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_iteration(phase, after, tmp_path,
+                                                                                           monkeypatch):
+    # As for qwr_continuous.py: stopped in the last of two iterations after `after` of its 6 critic (or
+    # actor) steps and resumed, the run takes only the rest of them and ends with the networks, target and
+    # optimisers of the run that was not stopped, bit for bit (CPU, eager); its logged losses agree to
+    # rounding. The target is copied every 4 critic steps.
+    args = tiny(critic_steps=6, actor_steps=6, target_update_every=4, save_model=True)
+    monkeypatch.setattr(qa.Stop, "signal", None)
+    for name in ("whole", "stopped"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    whole = qa.train(args)
+    whole_ckpt = torch.load(whole["checkpoint"], weights_only=False)
+    monkeypatch.chdir(tmp_path / "stopped")
+    real = {p: getattr(qa, f"{p}_step") for p in ("critic", "actor")}
+    calls = {"critic": 0, "actor": 0}
+
+    def counted(p):
+        def step(*a, **k):
+            calls[p] += 1
+            if p == phase and calls[p] == 6 + after:  # a signal arrives during this step, in iteration 2
+                qa.Stop.signal = signal.SIGINT
+            return real[p](*a, **k)
+        return step
+
+    for p in calls:
+        monkeypatch.setattr(qa, f"{p}_step", counted(p))
+    with pytest.raises(SystemExit):
+        qa.train(args)
+    qa.Stop.signal = None
+    path = next(Path("runs").glob("*/qwr_atari.pt")).resolve()
+    assert torch.load(path, weights_only=False)["partial"][phase][0] == after
+    with pytest.raises(qa.UsageError, match="resume it with --critic-steps 6 --actor-steps 6 --target-update-every 4"):
+        qa.train(dataclasses.replace(args, checkpoint_path=str(path), actor_steps=7))
+    calls.update(critic=0, actor=0)
+    resumed = qa.train(dataclasses.replace(args, checkpoint_path=str(path)))
+    assert calls == {"critic": 6 - after if phase == "critic" else 0, "actor": 6 - after if phase == "actor" else 6}
+    for key in ("critic_loss", "actor_loss", "q_mean"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    resumed_ckpt = torch.load(resumed["checkpoint"], weights_only=False)
+    for part in ("actor", "critic", "target"):
+        for name, tensor in whole_ckpt[part].items():
+            assert torch.equal(resumed_ckpt[part][name], tensor), (part, name)
+    for opt in ("actor_opt", "critic_opt"):
+        for i, state in whole_ckpt[opt]["state"].items():
+            assert all(torch.equal(resumed_ckpt[opt]["state"][i][k], v) for k, v in state.items()), (opt, i)
