@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import qwr_atari as qa
+from checkpoints import assert_same_learning_state, run_whole
 
 
 def test_preprocessing_gives_four_stacked_84x84_grey_uint8_frames():
@@ -350,12 +351,7 @@ def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_i
     # rounding. The target is copied every 4 critic steps.
     args = tiny(critic_steps=6, actor_steps=6, target_update_every=4, save_model=True)
     monkeypatch.setattr(qa.Stop, "signal", None)
-    for name in ("whole", "stopped"):
-        (tmp_path / name).mkdir()
-    monkeypatch.chdir(tmp_path / "whole")
-    whole = qa.train(args)
-    whole_ckpt = torch.load(whole["checkpoint"], weights_only=False)
-    monkeypatch.chdir(tmp_path / "stopped")
+    whole, whole_ckpt = run_whole(qa.train, args, tmp_path, monkeypatch)
     real = {p: getattr(qa, f"{p}_step") for p in ("critic", "actor")}
     calls = {"critic": 0, "actor": 0}
 
@@ -382,9 +378,4 @@ def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_i
     for key in ("critic_loss", "actor_loss", "q_mean"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
     resumed_ckpt = torch.load(resumed["checkpoint"], weights_only=False)
-    for part in ("actor", "critic", "target"):
-        for name, tensor in whole_ckpt[part].items():
-            assert torch.equal(resumed_ckpt[part][name], tensor), (part, name)
-    for opt in ("actor_opt", "critic_opt"):
-        for i, state in whole_ckpt[opt]["state"].items():
-            assert all(torch.equal(resumed_ckpt[opt]["state"][i][k], v) for k, v in state.items()), (opt, i)
+    assert_same_learning_state(whole_ckpt, resumed_ckpt)

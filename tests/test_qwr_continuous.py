@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qwr_continuous as qwr
+from checkpoints import assert_same_learning_state, run_whole
 
 
 def rollout_of(rewards, terminated, truncated, obs_dim=1, act_dim=1):
@@ -301,12 +302,7 @@ def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_i
     # optimisers are those of the run that was not stopped, bit for bit (CPU, eager); so, to rounding, are
     # the iteration's logged losses, and its training return is there. The target is copied every 4 critic
     # steps, so a stop at 3 needs the target of the moment.
-    for name in ("whole", "stopped"):
-        (tmp_path / name).mkdir()
-    monkeypatch.chdir(tmp_path / "whole")
-    whole = qwr.train(STOPPABLE)
-    whole_ckpt = torch.load(whole["checkpoint"], weights_only=False)
-    monkeypatch.chdir(tmp_path / "stopped")
+    whole, whole_ckpt = run_whole(qwr.train, STOPPABLE, tmp_path, monkeypatch)
     path = stop_in_iteration_2(STOPPABLE, phase, after, monkeypatch)
     saved = torch.load(path, weights_only=False)
     assert saved["iteration"] == 1 and saved["partial"][phase][0] == after
@@ -316,12 +312,7 @@ def test_a_run_stopped_between_two_gradient_steps_goes_on_with_the_rest_of_its_i
     for key in ("critic_loss", "actor_loss", "q_mean", "episodic_return"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
     resumed_ckpt = torch.load(resumed["checkpoint"], weights_only=False)
-    for part in ("actor", "critic", "target"):
-        for name, tensor in whole_ckpt[part].items():
-            assert torch.equal(resumed_ckpt[part][name], tensor), (part, name)
-    for opt in ("actor_opt", "critic_opt"):
-        for i, state in whole_ckpt[opt]["state"].items():
-            assert all(torch.equal(resumed_ckpt[opt]["state"][i][k], v) for k, v in state.items()), (opt, i)
+    assert_same_learning_state(whole_ckpt, resumed_ckpt)
 
 
 def test_after_the_rest_of_a_stopped_iteration_the_next_one_is_whole(tmp_path, monkeypatch):
