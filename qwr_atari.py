@@ -597,6 +597,19 @@ def save_checkpoint(path: str, args: Args, state: dict, buffer: FrameReplayBuffe
     os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last good checkpoint
 
 
+def exit_interrupted(args: Args, state: dict, buffer: FrameReplayBuffer, iteration: int, run_name: str,
+                     partial: Optional[dict] = None) -> None:
+    """After Stop.signal: save the run as it stands (iterations done, and the steps done of the next
+    one) and exit with the command that resumes it."""
+    path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
+    save_checkpoint(path, args, state, buffer, iteration, run_name, partial)
+    where = (f"in iteration {iteration + 1}, after {partial['critic'][0]} of {args.critic_steps} critic and "
+             f"{partial['actor'][0]} of {args.actor_steps} actor steps" if partial else f"after iteration {iteration}")
+    print(f"stopped by {signal.Signals(Stop.signal).name} {where}, saved; resume with: {resume_command(args, path)}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + Stop.signal)
+
+
 def resume_command(args: Args, path: str) -> str:
     """The command line that continues this run from the checkpoint at path."""
     defaults = asdict(Args())
@@ -673,16 +686,10 @@ def train(args: Args) -> dict:
         if Stop.signal and (metrics["critic_steps"] < args.critic_steps or metrics["actor_steps"] < args.actor_steps):
             # Stopped inside the updates: save the steps taken, their mean losses, the iteration's seconds and
             # episodes so far; the resumed run takes the rest and logs the iteration as a whole.
-            path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
-            save_checkpoint(path, args, state, buffer, iteration, run_name, dict(
+            exit_interrupted(args, state, buffer, iteration, run_name, dict(
                 critic=(metrics["critic_steps"], [metrics[k] for k in CRITIC_METRICS]),
                 actor=(metrics["actor_steps"], [metrics[k] for k in ACTOR_METRICS]),
                 episodes=episodes, seconds=time.time() - iteration_start))
-            print(f"stopped by {signal.Signals(Stop.signal).name} in iteration {iteration + 1}, after "
-                  f"{metrics['critic_steps']} of {args.critic_steps} critic and {metrics['actor_steps']} of "
-                  f"{args.actor_steps} actor steps, saved; resume with: {resume_command(args, path)}",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(128 + Stop.signal)
 
         sps = int((global_step - start_step) / (time.time() - start_time))
         metrics |= dict(global_step=global_step, sps=sps, seconds_per_iteration=time.time() - iteration_start)
@@ -705,11 +712,7 @@ def train(args: Args) -> dict:
         print(line + f" | critic {metrics['critic_loss']:.4f} actor {metrics['actor_loss']:.3f}"
               f" | {sps} SPS, {metrics['seconds_per_iteration']:.1f} s/iter", flush=True)
         if Stop.signal:  # after the iteration's updates: save the run as it stands
-            path = os.path.abspath(f"runs/{run_name}/{args.exp_name}.pt")
-            save_checkpoint(path, args, state, buffer, iteration + 1, run_name)
-            print(f"stopped by {signal.Signals(Stop.signal).name} after iteration {iteration + 1}, saved; resume "
-                  f"with: {resume_command(args, path)}", file=sys.stderr, flush=True)
-            raise SystemExit(128 + Stop.signal)
+            exit_interrupted(args, state, buffer, iteration + 1, run_name)
 
     envs.close()
     writer.close()
