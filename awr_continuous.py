@@ -47,6 +47,8 @@ class Args:
     """use CUDA when it is available (the replay buffer and all updates live there)"""
     compile: bool = True
     """torch.compile the critic and actor gradient steps (eager where this machine cannot compile)"""
+    cudagraphs: bool = True
+    """with --compile on CUDA: replay each gradient step from CUDA graphs (compile's "reduce-overhead" mode)"""
     env_id: str = "Walker2d-v4"
     """gymnasium id of an environment with a continuous (Box) action space"""
     total_timesteps: int = 100_000
@@ -480,9 +482,12 @@ def train_actor(args: Args, learner: Learner, states: torch.Tensor, actions: tor
 
 def compiled(fn, args: Args, device: torch.device):
     """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
-    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
-    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU. The replay
-    buffer grows for the first iterations, so the steps compile again once, for any size."""
+    compiler); else fn itself, eager, said in one line. On CUDA with --cudagraphs, compile's
+    "reduce-overhead" mode: each call replays CUDA graphs, one launch per compiled piece instead of
+    one per kernel (these small networks are launch-bound on a GPU). A call's outputs live in the
+    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy.
+    The replay buffer grows for the first iterations, so the steps compile again once, for any size
+    (and on CUDA record new graphs for each size until the buffer is full)."""
     if not args.compile:
         return fn
     try:
@@ -492,7 +497,15 @@ def compiled(fn, args: Args, device: torch.device):
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
-    return torch.compile(fn)
+    if device.type != "cuda" or not args.cudagraphs:
+        return torch.compile(fn)
+    graphed = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*a, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*a, **kw).clone()
+
+    return step
 
 
 # ----------------------------------------------------------------------------

@@ -51,6 +51,8 @@ class Args:
     compile: bool = True
     """run the gradient steps of mu and of the Q-ensemble (target and sampling included) through torch.compile
     (eager where it cannot compile)"""
+    cudagraphs: bool = True
+    """with --compile on CUDA: replay each gradient step from CUDA graphs (compile's "reduce-overhead" mode)"""
     dataset_id: str = "mujoco/walker2d/medium-v0"
     """Minari dataset id: a standard one (mujoco/hopper/medium-v0, D4RL/kitchen/complete-v2, ...) or one made
     with qwr_continuous.py --save-dataset (see README)"""
@@ -409,9 +411,11 @@ def make_learner(args: Args, action_space: gym.spaces.Box, obs_dim: int, device)
                                       layers=args.mu_layers).to(device)
     # Alg. 1: K Q-functions, and K targets with the same parameters.
     q_ensemble = QEnsemble(obs_dim, action_space.shape[0], args.num_q, args.q_hidden, args.q_layers).to(device)
+    # On CUDA Adam's step count lives on the GPU (capturable), so that a CUDA graph can hold the whole step.
+    capturable = torch.device(device).type == "cuda"
     return Learner(behavior, q_ensemble, copy.deepcopy(q_ensemble).requires_grad_(False),
-                   torch.optim.Adam(behavior.parameters(), lr=args.mu_lr),
-                   torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr))
+                   torch.optim.Adam(behavior.parameters(), lr=args.mu_lr, capturable=capturable),
+                   torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, capturable=capturable))
 
 
 # ----------------------------------------------------------------------------
@@ -502,8 +506,10 @@ def train_q(args: Args, data: dict, learner: Learner, n_updates: int, step=q_ste
 
 def compiled(fn, args: Args, device: torch.device):
     """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
-    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
-    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    compiler); else fn itself, eager, said in one line. On CUDA with --cudagraphs, compile's
+    "reduce-overhead" mode: each call replays CUDA graphs, one launch per compiled piece instead of
+    one per kernel (these small networks are launch-bound on a GPU). A call's outputs live in the
+    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy."""
     if not args.compile:
         return fn
     try:
@@ -513,7 +519,15 @@ def compiled(fn, args: Args, device: torch.device):
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
-    return torch.compile(fn)
+    if device.type != "cuda" or not args.cudagraphs:
+        return torch.compile(fn)
+    graphed = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*a, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*a, **kw).clone()
+
+    return step
 
 
 # ----------------------------------------------------------------------------

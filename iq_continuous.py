@@ -47,6 +47,8 @@ class Args:
     """use CUDA when it is available (the replay buffer and all updates live there)"""
     compile: bool = True
     """torch.compile the gradient step (eager where this machine cannot compile)"""
+    cudagraphs: bool = True
+    """with --compile on CUDA: replay each gradient step from CUDA graphs (compile's "reduce-overhead" mode)"""
     env_id: str = "HalfCheetah-v4"
     """gymnasium id of an environment with a continuous (Box) action space"""
     total_timesteps: int = 1_000_000
@@ -272,8 +274,10 @@ def make_learner(args: Args, obs_dim: int, act_dim: int, device) -> Learner:
     else:
         policy = GaussianPolicy(obs_dim, act_dim).to(device)
     value = mlp(obs_dim, 1).to(device)
-    # One loss, one optimiser over both networks.
-    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate)
+    # One loss, one optimiser over both networks; on CUDA its step count lives on the GPU (capturable), so
+    # that a CUDA graph can hold the whole step.
+    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate,
+                                 capturable=torch.device(device).type == "cuda")
     return Learner(policy, value, copy.deepcopy(policy).requires_grad_(False),
                    copy.deepcopy(value).requires_grad_(False), optimizer)
 
@@ -342,8 +346,10 @@ def update(args: Args, learner: Learner, batch: dict) -> torch.Tensor:
 
 def compiled(fn, args: Args, device: torch.device):
     """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
-    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
-    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    compiler); else fn itself, eager, said in one line. On CUDA with --cudagraphs, compile's
+    "reduce-overhead" mode: each call replays CUDA graphs, one launch per compiled piece instead of
+    one per kernel (these small networks are launch-bound on a GPU). A call's outputs live in the
+    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy."""
     if not args.compile:
         return fn
     try:
@@ -353,7 +359,15 @@ def compiled(fn, args: Args, device: torch.device):
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
-    return torch.compile(fn)
+    if device.type != "cuda" or not args.cudagraphs:
+        return torch.compile(fn)
+    graphed = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*a, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*a, **kw).clone()
+
+    return step
 
 
 # ----------------------------------------------------------------------------

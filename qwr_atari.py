@@ -49,6 +49,8 @@ class Args:
     """use CUDA when it is available (the replay buffer and all updates live there)"""
     compile: bool = True
     """run the critic and actor steps through torch.compile (eager where it cannot compile)"""
+    cudagraphs: bool = True
+    """with --compile on CUDA: replay each gradient step from CUDA graphs (compile's "reduce-overhead" mode)"""
     env_id: str = "BreakoutNoFrameskip-v4"
     """an Atari game: <Game>NoFrameskip-v4, or ALE/<Game>-v5 (made with frame skip 1, no sticky actions)"""
     total_timesteps: int = 100_000
@@ -499,8 +501,10 @@ def train_actor(args: Args, buffer: FrameReplayBuffer, actor, critic, actor_opt,
 
 def compiled(fn, args: Args, device: torch.device):
     """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
-    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
-    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    compiler); else fn itself, eager, said in one line. On CUDA with --cudagraphs, compile's
+    "reduce-overhead" mode: each call replays CUDA graphs, one launch per compiled piece instead of
+    one per kernel (these small networks are launch-bound on a GPU). A call's outputs live in the
+    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy."""
     if not args.compile:
         return fn
     try:
@@ -510,7 +514,15 @@ def compiled(fn, args: Args, device: torch.device):
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
-    return torch.compile(fn)
+    if device.type != "cuda" or not args.cudagraphs:
+        return torch.compile(fn)
+    graphed = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*a, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*a, **kw).clone()
+
+    return step
 
 
 # ----------------------------------------------------------------------------
@@ -636,8 +648,10 @@ def train(args: Args) -> dict:
     critic = QNetwork(n_actions, args.torso, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
                       args.critic_head).to(device)
     target = copy.deepcopy(critic).requires_grad_(False)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+    # On CUDA Adam's step count lives on the GPU (capturable), so that a CUDA graph can hold the whole step.
+    adam = dict(eps=1e-5, capturable=device.type == "cuda")
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, **adam)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam)
     buffer = FrameReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, n_actions, device)
     state = dict(actor=actor, critic=critic, target=target, actor_opt=actor_opt, critic_opt=critic_opt)
 

@@ -51,6 +51,8 @@ class Args:
     """use CUDA when it is available (the replay buffer and all updates live there)"""
     compile: bool = True
     """torch.compile the critic and actor gradient steps (eager where this machine cannot compile)"""
+    cudagraphs: bool = True
+    """with --compile on CUDA: replay each gradient step from CUDA graphs (compile's "reduce-overhead" mode)"""
     env_id: Optional[str] = None
     """gymnasium id of an environment with a continuous (Box) action space: Walker2d-v4 if not given;
     offline, the dataset's (a given id must be the same)"""
@@ -467,11 +469,13 @@ def make_learner(args: Args, obs_dim: int, action_space: gym.spaces.Box, device,
     actor = Actor(obs_dim, len(low)).to(device)
     critic = QNetwork(obs_dim, low, high, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
                       args.critic_head).to(device)
-    # eps=1e-5 is the default of the authors' (Trax) Adam.
+    # eps=1e-5 is the default of the authors' (Trax) Adam. On CUDA its step count lives on the GPU
+    # (capturable), so that a CUDA graph can hold the whole step, in a resumed run too.
+    adam = dict(eps=1e-5, capturable=torch.device(device).type == "cuda")
     return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False),
                    ObsNormalizer(obs_dim, obs_norm_limit).to(device),
-                   torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5),
-                   torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5))
+                   torch.optim.Adam(actor.parameters(), lr=args.actor_lr, **adam),
+                   torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam))
 
 
 # ----------------------------------------------------------------------------
@@ -620,8 +624,10 @@ def train_actor(args: Args, buffer: ReplayBuffer, actor, critic, actor_opt, obs_
 
 def compiled(fn, args: Args, device: torch.device):
     """torch.compile(fn) with --compile, where this machine can compile (on CPU it needs a C++
-    compiler); else fn itself, eager, said in one line. On CUDA this is compile's default mode:
-    CUDA graphs (mode="reduce-overhead") wait until they have been checked on a GPU."""
+    compiler); else fn itself, eager, said in one line. On CUDA with --cudagraphs, compile's
+    "reduce-overhead" mode: each call replays CUDA graphs, one launch per compiled piece instead of
+    one per kernel (these small networks are launch-bound on a GPU). A call's outputs live in the
+    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy."""
     if not args.compile:
         return fn
     try:
@@ -631,7 +637,15 @@ def compiled(fn, args: Args, device: torch.device):
               "running eager")
         return fn
     torch._inductor.config.fallback_random = True  # draw the same random numbers as eager code does
-    return torch.compile(fn)
+    if device.type != "cuda" or not args.cudagraphs:
+        return torch.compile(fn)
+    graphed = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*a, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*a, **kw).clone()
+
+    return step
 
 
 # ----------------------------------------------------------------------------
