@@ -337,7 +337,10 @@ def table_row(grid: str, method: str, env: str, grid_runs: list[dict], paper: di
     ours = median_iqr([r["curve"][-1][1] for r in done]) if done else "–"
     if done and all(r["score"] is not None for r in done):
         ours += f" (score {np.median([r['score'] for r in done]):.1f})"
-    sampled = median_iqr([r["sampled"] for r in done]) if done and all(r["sampled"] is not None for r in done) else "–"
+    logged = [r["sampled"] for r in done if r["sampled"] is not None]  # runs older than the sampled evaluation lack it
+    sampled = median_iqr(logged) if logged else "–"
+    if logged and len(logged) < len(done):
+        sampled += f" ({len(logged)} of {len(done)} seeds)"
     each = ", ".join(f"{r['curve'][-1][1]:.0f}" for r in done) or "–"
     late = [r["late_train_return"] for r in done if r["late_train_return"] is not None]
     train = median_iqr(late) if done and len(late) == len(done) else "–"

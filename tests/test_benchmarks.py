@@ -149,6 +149,15 @@ def test_table1_rows_give_each_seed_the_sampled_policy_and_the_reference_policie
     assert report.report("") == text
 
 
+def test_the_sampled_column_takes_the_seeds_that_logged_it_and_says_how_many(tmp_path, monkeypatch):
+    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Pendulum-v1", total_timesteps=100_000)
+    fake_run(tmp_path / "runs", "r1", hp | dict(seed=1), [(100_000, 300.0)], eval_return_sampled=150.0)
+    fake_run(tmp_path / "runs", "r2", hp | dict(seed=2), [(100_000, 100.0)])  # from before the sampled evaluation
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "reference_returns", lambda env: {"zero action": 0.0, "uniform random": 0.0})
+    assert "| QWR-LSE | Pendulum-v1 | 200 ± 50 | 150 (1 of 2 seeds) | 300, 100 |" in report.report("")
+
+
 def fake_script(tmp_path: Path, monkeypatch, code: str) -> None:
     """tmp_path/fake.py runs code; run.py's scripts, results and work directories all live in tmp_path."""
     (tmp_path / "fake.py").write_text(code)
