@@ -506,8 +506,10 @@ def collect(envs, obs: np.ndarray, steps_per_env: int, actor, obs_norm, action_s
         steps.append((obs_t, action, mean, reward, terminated, episode_end, true_next))
         obs = next_obs
     names = ("obs", "action", "mu_mean", "reward", "terminated", "episode_end", "next_obs")
-    rollout = {k: torch.stack([torch.as_tensor(s[i], device=device) for s in steps])
-               for i, k in enumerate(names)}
+    # The policy's tensors are stacked where they are; the environment's arrays reach the device in one copy each.
+    columns = [[s[i] for s in steps] for i in range(len(names))]
+    rollout = {k: torch.stack(c) if torch.is_tensor(c[0]) else torch.as_tensor(np.stack(c), device=device)
+               for k, c in zip(names, columns)}
     for k in ("reward", "next_obs"):
         rollout[k] = rollout[k].float()
     rollout["mu_std"] = torch.full_like(rollout["mu_mean"], action_std)
