@@ -73,12 +73,13 @@ def test_smoke_run_checkpoint_resume_and_eval(script, tmp_path, monkeypatch):
     assert len(ev["eval_returns"]) == 3 and ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"]))
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("script", ["qwr", "awr", "iq"])
-def test_same_seed_same_numbers(script, tmp_path, monkeypatch):
+def test_same_seed_same_numbers(script, compile, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = TINY[script]
     steps = run.flags.get("learning_starts", 0) + 100
-    a, b = (run.module.train(tiny(script, total_timesteps=steps, eval_every=100)) for _ in range(2))
+    a, b = (run.module.train(tiny(script, total_timesteps=steps, eval_every=100, compile=compile)) for _ in range(2))
     same = [k for k in run.finite if k != "sps"]  # all but the speed
     assert [a[k] for k in same] == [b[k] for k in same]
 
