@@ -411,11 +411,9 @@ def make_learner(args: Args, action_space: gym.spaces.Box, obs_dim: int, device)
                                       layers=args.mu_layers).to(device)
     # Alg. 1: K Q-functions, and K targets with the same parameters.
     q_ensemble = QEnsemble(obs_dim, action_space.shape[0], args.num_q, args.q_hidden, args.q_layers).to(device)
-    # On CUDA Adam's step count lives on the GPU (capturable), so that a CUDA graph can hold the whole step.
-    capturable = torch.device(device).type == "cuda"
     return Learner(behavior, q_ensemble, copy.deepcopy(q_ensemble).requires_grad_(False),
-                   torch.optim.Adam(behavior.parameters(), lr=args.mu_lr, capturable=capturable),
-                   torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, capturable=capturable))
+                   torch.optim.Adam(behavior.parameters(), lr=args.mu_lr),
+                   torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr))
 
 
 # ----------------------------------------------------------------------------

@@ -274,10 +274,8 @@ def make_learner(args: Args, obs_dim: int, act_dim: int, device) -> Learner:
     else:
         policy = GaussianPolicy(obs_dim, act_dim).to(device)
     value = mlp(obs_dim, 1).to(device)
-    # One loss, one optimiser over both networks; on CUDA its step count lives on the GPU (capturable), so
-    # that a CUDA graph can hold the whole step.
-    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate,
-                                 capturable=torch.device(device).type == "cuda")
+    # One loss, one optimiser over both networks.
+    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=args.learning_rate)
     return Learner(policy, value, copy.deepcopy(policy).requires_grad_(False),
                    copy.deepcopy(value).requires_grad_(False), optimizer)
 

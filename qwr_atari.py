@@ -648,10 +648,8 @@ def train(args: Args) -> dict:
     critic = QNetwork(n_actions, args.torso, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
                       args.critic_head).to(device)
     target = copy.deepcopy(critic).requires_grad_(False)
-    # On CUDA Adam's step count lives on the GPU (capturable), so that a CUDA graph can hold the whole step.
-    adam = dict(eps=1e-5, capturable=device.type == "cuda")
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, **adam)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     buffer = FrameReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, n_actions, device)
     state = dict(actor=actor, critic=critic, target=target, actor_opt=actor_opt, critic_opt=critic_opt)
 

@@ -469,13 +469,11 @@ def make_learner(args: Args, obs_dim: int, action_space: gym.spaces.Box, device,
     actor = Actor(obs_dim, len(low)).to(device)
     critic = QNetwork(obs_dim, low, high, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
                       args.critic_head).to(device)
-    # eps=1e-5 is the default of the authors' (Trax) Adam. On CUDA its step count lives on the GPU
-    # (capturable), so that a CUDA graph can hold the whole step, in a resumed run too.
-    adam = dict(eps=1e-5, capturable=torch.device(device).type == "cuda")
+    # eps=1e-5 is the default of the authors' (Trax) Adam.
     return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False),
                    ObsNormalizer(obs_dim, obs_norm_limit).to(device),
-                   torch.optim.Adam(actor.parameters(), lr=args.actor_lr, **adam),
-                   torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam))
+                   torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5),
+                   torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5))
 
 
 # ----------------------------------------------------------------------------

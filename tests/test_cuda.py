@@ -98,14 +98,24 @@ def test_a_tiny_run_on_the_gpu_whose_updates_never_wait_for_the_host(script, com
         return no_host_sync(real_compiled(fn, args, device), checked[-1])
 
     monkeypatch.setattr(module, "compiled", compiled_and_checked)
+    recorded = []
+    if torch.cuda.is_available():  # count the CUDA graphs that compile's reduce-overhead mode records
+        from torch._inductor import cudagraph_trees
+
+        record = cudagraph_trees.CUDAGraphTreeManager.record_function
+        monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                            lambda self, *a, **kw: recorded.append(1) or record(self, *a, **kw))
     counters.clear()
     m = train(module.Args(**flags, compile=compile))
     assert f"{DEVICE})" in capsys.readouterr().out  # the run's first line names its device
     for key in finite:
         assert math.isfinite(m[key]), key
     assert checked and (not torch.cuda.is_available() or all(n > 0 for n, in checked)), checked
-    # Compiled on a GPU, every piece of every step runs as a CUDA graph: the log says why one did not.
+    # Compiled on a GPU, every piece of every step runs as a CUDA graph (the log says why one did not),
+    # recorded once: a few pieces per step function, not a recording at each of the run's steps.
     assert counters["inductor"]["cudagraph_skips"] == 0
+    if compile and torch.cuda.is_available():
+        assert 0 < len(recorded) <= 8 * len(checked), (len(recorded), checked)
 
 
 @pytest.mark.parametrize("script", RUNS)
