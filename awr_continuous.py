@@ -428,11 +428,11 @@ def buffer_returns(args: Args, buffer: ReplayBuffer, learner: Learner):
 
 
 def critic_step(args: Args, learner: Learner, states: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
-    """One regression step of V(s) on the fixed TD(lambda) returns (Alg. 1 l.7-8); returns the loss."""
-    i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.7: s ~ D
-    v = learner.critic(learner.obs_norm(states[i]))
+    """One regression step of V(s) on the fixed TD(lambda) returns of a batch of states (Alg. 1 l.8);
+    returns the loss."""
+    v = learner.critic(learner.obs_norm(states))
     # Alg. 1 l.8: a step on ||R - V(s)||^2, in the network's own units, with the authors' factor 1/2.
-    loss = 0.5 * ((v - returns[i]) / learner.critic.out_scale).pow(2).mean()
+    loss = 0.5 * ((v - returns) / learner.critic.out_scale).pow(2).mean()
     learner.critic_opt.zero_grad(set_to_none=True)
     loss.backward()
     learner.critic_opt.step()
@@ -447,20 +447,20 @@ def train_critic(args: Args, learner: Learner, states: torch.Tensor, returns: to
     for _ in range(n_steps):
         if Stop.signal:  # the safe point: between two gradient steps
             break
-        sums, taken = sums + step(args, learner, states, returns), taken + 1
+        i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.7: s ~ D
+        sums, taken = sums + step(args, learner, states[i], returns[i]), taken + 1
     return {"critic_loss": (sums / max(1, taken)).item()}
 
 
 def actor_step(args: Args, learner: Learner, states: torch.Tensor, actions: torch.Tensor,
                weights: torch.Tensor) -> torch.Tensor:
-    """One step of weighted maximum likelihood (Alg. 1 l.11-13, Eq. 10); returns the loss."""
-    i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.11: (s, a) ~ D
-    mean = learner.actor(learner.obs_norm(states[i]))
+    """One step of weighted maximum likelihood on a batch (Alg. 1 l.12-13, Eq. 10); returns the loss."""
+    mean = learner.actor(learner.obs_norm(states))
     # log N(a; mean, std), written out: a non-finite mean reaches the loss check (no distribution validation).
-    z = (actions[i] - mean) / learner.action_std
+    z = (actions - mean) / learner.action_std
     log_prob = (-0.5 * z.pow(2) - math.log(learner.action_std * math.sqrt(2 * math.pi))).sum(-1)
     # Alg. 1 l.13: ascend xi log pi(a|s).
-    loss = -(weights[i] * log_prob).mean() + args.action_bound_weight * action_bound_loss(mean)
+    loss = -(weights * log_prob).mean() + args.action_bound_weight * action_bound_loss(mean)
     learner.actor_opt.zero_grad(set_to_none=True)
     loss.backward()
     learner.actor_opt.step()
@@ -476,7 +476,8 @@ def train_actor(args: Args, learner: Learner, states: torch.Tensor, actions: tor
     for _ in range(n_steps):
         if Stop.signal:
             break
-        sums, taken = sums + step(args, learner, states, actions, weights), taken + 1
+        i = torch.randint(0, len(states), (args.batch_size,), device=states.device)  # Alg. 1 l.11: (s, a) ~ D
+        sums, taken = sums + step(args, learner, states[i], actions[i], weights[i]), taken + 1
     return {"actor_loss": (sums / max(1, taken)).item()}
 
 
@@ -485,9 +486,7 @@ def compiled(fn, args: Args, device: torch.device):
     compiler); else fn itself, eager, said in one line. On CUDA with --cudagraphs, compile's
     "reduce-overhead" mode: each call replays CUDA graphs, one launch per compiled piece instead of
     one per kernel (these small networks are launch-bound on a GPU). A call's outputs live in the
-    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy.
-    The replay buffer grows for the first iterations, so the steps compile again once, for any size
-    (and on CUDA record new graphs for each size until the buffer is full)."""
+    graphs' memory, which the next call overwrites, so each call starts a new step and returns a copy."""
     if not args.compile:
         return fn
     try:
