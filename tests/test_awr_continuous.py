@@ -225,3 +225,25 @@ def test_settings_that_diverge_stop_the_run_naming_the_flags(flags, cause, tmp_p
                     actor_steps=8, batch_size=32, buffer_size=1000, eval_episodes=0, cuda=False, compile=False, **flags)
     with pytest.raises(FloatingPointError, match=r"non-finite losses at step 100 .*likely cause: " + re.escape(cause)):
         awr.train(args)
+
+
+def test_each_step_gets_a_batch_whose_states_returns_actions_and_weights_belong_together():
+    # The loops draw one batch of buffer rows per step and hand the step those rows of every array.
+    args = awr.Args(batch_size=8)
+    states = torch.arange(40.0).reshape(20, 2)  # row r holds (2r, 2r + 1)
+    seen = []
+
+    def critic(args, learner, s, returns):
+        seen.append(len(s))
+        assert torch.equal(returns, s[:, 0] / 2) and not torch.equal(s, states[: len(s)])
+        return torch.zeros(1)
+
+    def actor(args, learner, s, actions, weights):
+        seen.append(len(s))
+        assert torch.equal(actions, s + 100) and torch.equal(weights, s[:, 1])
+        return torch.zeros(1)
+
+    torch.manual_seed(0)
+    awr.train_critic(args, None, states, states[:, 0] / 2, 3, critic)
+    awr.train_actor(args, None, states, states + 100, states[:, 1], 3, actor)
+    assert seen == [8] * 6
