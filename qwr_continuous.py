@@ -863,7 +863,8 @@ def train(args: Args) -> dict:
     """Online QWR (Algorithm 2); returns the final metrics."""
     args = replace(args, env_id=args.env_id or DEFAULT_ENV_ID)
     check_args(args, offline=False)
-    check_env(args.env_id)
+    # The env's own action space: the vector env's ClipAction accepts any action, so its bounds are infinite.
+    action_space = check_env(args.env_id).action_space
     device = seed_and_device(args)
     if args.eval_only:  # evaluate the checkpoint's policy, nothing else
         return evaluate_checkpoint(args, args.env_id, device)
@@ -871,9 +872,8 @@ def train(args: Args) -> dict:
     envs = make_vec_env(args.env_id, args.num_envs)
     obs_dim = envs.single_observation_space.shape[0]
     # Alg. 2 l.1-3: random actor and critic parameters, an empty replay buffer D.
-    learner = make_learner(args, obs_dim, envs.single_action_space, device, args.obs_norm_sample_limit)
-    buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim,
-                          envs.single_action_space.shape[0], device)
+    learner = make_learner(args, obs_dim, action_space, device, args.obs_norm_sample_limit)
+    buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, action_space.shape[0], device)
     start, partial = 0, None
     if args.checkpoint_path:  # the same run goes on: its log directory, step counter and random state
         start, saved_name, partial = load_checkpoint(args, learner, buffer)
@@ -927,7 +927,7 @@ def train(args: Args) -> dict:
             exit_interrupted(args, learner, iteration + 1, run_name, buffer)
     envs.close()
     writer.close()
-    write_datasets(args, collected, learner, device, run_name, envs.single_action_space)
+    write_datasets(args, collected, learner, device, run_name, action_space)
     print(f"done: eval return {metrics.get('eval_return', float('nan')):.1f} at step {n_iterations * args.steps_per_iteration}, "
           f"{(time.time() - start_time) / 60:.1f} min" if metrics else
           f"nothing left to train: the checkpoint is at iteration {start} of {n_iterations}")
@@ -1137,9 +1137,10 @@ def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, dev
     obs, _ = envs.reset(seed=seed)
     horizon = gym.spec(env_id).max_episode_steps or 1000  # every env ends an episode by then
     rollout, _, _ = collect(envs, obs, horizon, actor, obs_norm, action_std, device)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
+    space = check_env(env_id).action_space  # the env's bounds (ClipAction's are infinite)
     envs.close()
-    return [episodes_of([{k: v[:, e : e + 1] for k, v in rollout.items()}], low, high)[0] for e in range(n)]
+    return [episodes_of([{k: v[:, e : e + 1] for k, v in rollout.items()}], space.low, space.high)[0]
+            for e in range(n)]
 
 
 def write_datasets(args: Args, collected: list, learner: Learner, device, run_name: str, action_space) -> None:

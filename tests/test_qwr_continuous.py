@@ -359,3 +359,19 @@ def test_the_resume_command_of_a_stopped_save_dataset_run_leaves_the_dataset_out
     command = capsys.readouterr().err.split("resume with: ")[1]
     assert "--save-dataset" not in command.split(" (")[0] and "(no dataset: --save-dataset local/hopper/some-v0" in command
     qwr.check_args(replace(args, save_dataset=None, checkpoint_path="runs/run/qwr_continuous.pt"), offline=False)
+
+
+def test_online_training_gives_the_critic_the_envs_action_bounds(tmp_path, monkeypatch):
+    # The vector env's ClipAction takes any action, so its own action space is unbounded: the critic's
+    # clip of its action input, the at-bound diagnostic and the datasets' actions need the env's bounds.
+    monkeypatch.chdir(tmp_path)
+    real, spaces = qwr.make_learner, []
+
+    def recording(args, obs_dim, action_space, *rest):
+        spaces.append(action_space)
+        return real(args, obs_dim, action_space, *rest)
+
+    monkeypatch.setattr(qwr, "make_learner", recording)
+    qwr.train(qwr.Args(env_id="Hopper-v4", total_timesteps=100, steps_per_iteration=100, critic_steps=2, actor_steps=2,
+                       batch_size=16, buffer_size=1000, eval_episodes=0, cuda=False, compile=False))
+    assert np.array_equal(spaces[0].low, -np.ones(3)) and np.array_equal(spaces[0].high, np.ones(3))
