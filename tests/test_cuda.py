@@ -5,7 +5,7 @@ the GPU's queue) and, compiled, run as CUDA graphs (none skipped), compiled and 
 the same seed agreeing there, and a graphed step's result surviving the next step. Where no GPU
 is present they are skipped and the summary says so (conftest.py);
 `python -m pytest tests/test_cuda.py --cuda-checks-on-cpu` runs their code on the CPU, where the
-host-sync check has nothing to catch."""
+host-sync and CUDA-graph checks have nothing to catch."""
 
 import math
 import sys
