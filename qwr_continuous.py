@@ -68,6 +68,9 @@ class Args:
     """replay buffer capacity in environment steps"""
     obs_norm_sample_limit: int = 300_000
     """observations after which the running mean/std normaliser freezes (authors' code); 0 turns it off"""
+    obs_clip: float = 0.0
+    """clip normalised observations to +-this; 0, the default, does not clip (the authors' Trax Normalize).
+    Humanoid-v4's contact forces normalise to |x| in the hundreds; 10 is CleanRL's and SB3's clip"""
 
     # The two updates of every iteration (Table 4), online and offline
     critic_steps: int = 1000
@@ -372,17 +375,19 @@ class ObsNormalizer(nn.Module):
 
     The authors' networks begin with such a layer (Trax Normalize), updated
     with the observations the agent acts on until `sample_limit` of them.
+    It does not clip; clip > 0 clips the result to [-clip, clip] (--obs-clip).
     """
 
-    def __init__(self, dim: int, sample_limit: int):
+    def __init__(self, dim: int, sample_limit: int, clip: float = 0.0):
         super().__init__()
-        self.sample_limit = sample_limit
+        self.sample_limit, self.clip = sample_limit, clip
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("var", torch.ones(dim))
         self.register_buffer("count", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / (self.var.sqrt() + 1e-5)
+        x = (x - self.mean) / (self.var.sqrt() + 1e-5)
+        return x.clamp(-self.clip, self.clip) if self.clip > 0 else x
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -471,7 +476,7 @@ def make_learner(args: Args, obs_dim: int, action_space: gym.spaces.Box, device,
                       args.critic_head).to(device)
     # eps=1e-5 is the default of the authors' (Trax) Adam.
     return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False),
-                   ObsNormalizer(obs_dim, obs_norm_limit).to(device),
+                   ObsNormalizer(obs_dim, obs_norm_limit, args.obs_clip).to(device),
                    torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5),
                    torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5))
 
@@ -685,6 +690,7 @@ def check_args(args: Args, offline: bool) -> None:
         (args.save_dataset and args.checkpoint_path,
          "--save-dataset needs a run from scratch: it writes every step that run collects"),
         (args.policy_dataset_episodes < 1, "--policy-dataset-episodes must be >= 1"),
+        (args.obs_clip < 0, "--obs-clip must be >= 0 (0: no clip)"),
     ]
     for bad, message in problems:
         if bad:

@@ -40,7 +40,9 @@ def method_of(hp: dict) -> str:
     if script.startswith("qwr"):
         backup = {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
         trax = (hp.get("critic_lr"), hp.get("target_update_every"), hp.get("buffer_size")) == ("0.001", "50", "100000")
-        return f"QWR-{backup}" + (" (Trax config)" if trax else "") + (" offline" if offline_dataset(hp) else "")
+        clip = float(hp.get("obs_clip", 0))
+        return (f"QWR-{backup}" + (" (Trax config)" if trax else "") + (f" (obs clip {clip:g})" if clip > 0 else "")
+                + (" offline" if offline_dataset(hp) else ""))
     if script == "iq_continuous":
         munchausen = float(hp.get("alpha", 0)) > 0
         if hp.get("residual") == "True":

@@ -28,8 +28,8 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
         "qwr-table1__QWR-LSE__Hopper-v4__1", "qwr-table1__QWR-LSE__Hopper-v4__2",
         "qwr-table1__AWR__Hopper-v4__1", "qwr-table1__AWR__Hopper-v4__2"]
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
-    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 5  # methods x envs x seeds,
-    # and the Trax configuration on Hopper
+    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 5 + 5  # methods x envs x
+    # seeds, the Trax configuration on Hopper and the clipped observations on Humanoid
     assert run.runs_of("qwr-table3", [1], ["Walker2d-v4"], ["QWR-LSE"])[0]["args"][4:] == run.QWR_1M
 
 
@@ -42,6 +42,8 @@ def test_report_names_runs_from_their_hyper_parameters():
                 buffer_size="100000")
     assert report.method_of(trax) == "QWR-LSE (Trax config)"
     assert report.method_of(trax | dict(critic_lr="0.0005")) == "QWR-LSE"
+    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", obs_clip="10.0")) == "QWR-LSE (obs clip 10)"
+    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", obs_clip="0.0")) == "QWR-LSE"
     assert report.grid_of({"exp_name": "qwr_continuous", "total_timesteps": "1000000"}) == "qwr-table3"
     assert report.grid_of({"exp_name": "awr_continuous", "total_timesteps": "100000"}) == "qwr-table1"
     assert report.method_of({"exp_name": "iq_continuous", "alpha": "0.9", "policy": "gaussian"}) == "M-IQ-gaussian"

@@ -91,6 +91,17 @@ def test_obs_normalizer_matches_numpy_and_freezes_at_its_limit():
     assert torch.allclose(norm.mean, x[:350].mean(0)) and torch.allclose(norm.var, x[:350].var(0, correction=0))
 
 
+@pytest.mark.parametrize("clip, expected", [(0.0, 1e5), (10.0, 10.0)])
+def test_obs_clip_reaches_the_learners_normalizer(clip, expected):
+    # A dimension that was 0 in every observation so far (std 0) and then moves by 1: the authors'
+    # normaliser turns it into 1 / 1e-5; --obs-clip bounds it.
+    box = qwr.gym.spaces.Box(-1.0, 1.0, (1,))
+    norm = qwr.make_learner(qwr.Args(obs_clip=clip), 2, box, "cpu", 100).obs_norm
+    norm.update(torch.zeros(50, 2))
+    out = norm(torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    assert torch.allclose(out, torch.tensor([[expected, -expected], [0.0, 0.0]]), rtol=1e-4)
+
+
 # ------------------------------------------------------------ the two update steps, wired to stub networks
 
 
