@@ -9,6 +9,7 @@ Every run works in a directory of its own outside git, $RL_BENCHMARKS_WORK/<run>
 stdout and, for the scripts that can resume, a checkpoint at each evaluation.
 A finished run's logs are copied into benchmarks/results/ (runs/, logs/), and
 a marker in results/done/ records its command, wall time, date and machine.
+--redo sets finished runs aside (results/superseded/) to be made again.
 A grid survives the end of a session: runs with a marker are skipped, and a
 run that was stopped part-way continues from its last checkpoint in the same
 log directory the next time the grid is run (on the same machine). Two
@@ -239,6 +240,32 @@ def adopt(runs_dir: Path) -> None:
         print(f"adopted {', '.join(keys)} from {path}")
 
 
+def redo(keys: list[str], reason: str) -> None:
+    """Move finished runs aside, to results/superseded/<run>/ with the reason (say, a bug fixed since),
+    so that the next run of their grid makes them again from scratch. report.py reads only results/runs:
+    a run and its redo are never counted together."""
+    for key in keys:
+        marker, log = RESULTS / "done" / f"{key}.json", RESULTS / "logs" / f"{key}.log"
+        if not marker.is_file():
+            sys.exit(f"error: {key} has not finished (no {marker}); nothing to redo")
+        aside = RESULTS / "superseded" / key
+        if aside.exists():
+            sys.exit(f"error: {aside} exists: a run is set aside once")
+        (aside / "runs").mkdir(parents=True)
+        # Its TensorBoard directories, named in its stdout ("logs in runs/<name>").
+        names = {line.split("logs in runs/")[1].split()[0] for line in log.read_text().splitlines()
+                 if "logs in runs/" in line} if log.is_file() else set()
+        for name in sorted(names):
+            if (RESULTS / "runs" / name).is_dir():
+                shutil.move(RESULTS / "runs" / name, aside / "runs" / name)
+        if log.is_file():
+            shutil.move(log, aside / "stdout.log")
+        shutil.move(marker, aside / "done.json")
+        (aside / "reason.txt").write_text(reason + "\n")
+        shutil.rmtree(WORK / key, ignore_errors=True)  # its final checkpoint: else the grid would resume it
+        print(f"set aside {key} ({', '.join(sorted(names)) or 'no TensorBoard log'}): {reason}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", nargs="?", choices=[*GRIDS, "bitflip"], help="which paper table (or figure) to run")
@@ -250,9 +277,16 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the grid and what is done, run nothing")
     parser.add_argument("--adopt", type=Path, help="take in the finished runs of a runs/ directory made by hand "
                                                    "(same machine), instead of running a grid")
+    parser.add_argument("--redo", nargs="+", metavar="RUN", help="set these finished runs (results/done/<RUN>.json) "
+                        "aside, with --reason, so that their grid makes them again; run nothing")
+    parser.add_argument("--reason", help="why --redo's runs are set aside (kept beside them)")
     a = parser.parse_args()
     if a.adopt:
         return adopt(a.adopt)
+    if a.redo:
+        if not a.reason:
+            parser.error("--redo needs --reason")
+        return redo(a.redo, a.reason)
     if a.grid is None:
         parser.error("name a grid (or --adopt a runs/ directory)")
 

@@ -215,6 +215,24 @@ def test_two_run_py_never_run_the_same_run(tmp_path, monkeypatch):
     assert run.launch(same, 1)[1] is None  # and once it is done, nobody runs it again
 
 
+def test_redo_sets_a_finished_run_aside_and_its_grid_makes_it_again(tmp_path, monkeypatch):
+    fake_script(tmp_path, monkeypatch, "import os\nos.makedirs('runs/fake__1')\nprint('logs in runs/fake__1')\n")
+    (tmp_path / "runs" / "other__2").mkdir()  # another run's log stays
+    k = dict(key="k", script="fake.py", args=[])
+    assert run.launch(k, 1)[1] == 0 and (tmp_path / "work" / "k" / "runs" / "fake__1").is_dir()
+    run.redo(["k"], "a bug fixed since")
+    aside = tmp_path / "superseded" / "k"
+    assert sorted(p.name for p in aside.iterdir()) == ["done.json", "reason.txt", "runs", "stdout.log"]
+    assert [p.name for p in (aside / "runs").iterdir()] == ["fake__1"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other__2"]
+    assert not (tmp_path / "done" / "k.json").exists() and not (tmp_path / "work" / "k").exists()
+    assert run.launch(k, 1)[1] == 0 and (tmp_path / "done" / "k.json").is_file()  # made again, from scratch
+    with pytest.raises(SystemExit, match="set aside once"):
+        run.redo(["k"], "again")
+    with pytest.raises(SystemExit, match="has not finished"):
+        run.redo(["never-run"], "bug")
+
+
 def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     emaq = dict(exp_name="emaq_offline", dataset_id=run.DATASETS_N[0], num_q="4", q_hidden="64", mu_embed="64",
