@@ -105,6 +105,9 @@ class Args:
     """value head after the action gate: LayerNorm + 256 ReLU + linear (authors' code), or linear"""
     scale_value_targets: bool = True
     """critic outputs Q * (1 - gamma) (per-step units), as the authors' code does"""
+    critic_clips_actions: bool = False
+    """give Q the sampled action clipped to the bounds, as the environment executes it; off: Q sees the
+    sampled action itself, as in the authors' code"""
 
     # Actor (Eq. 3)
     beta: float = 1.0
@@ -295,7 +298,8 @@ def make_vec_env(env_id, n: int, video_folder: Optional[str] = None) -> gym.vect
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)  # info["episode"] at episode ends
-    # The policy's Gaussian samples can leave the action bounds; the environment executes them clipped.
+    # The policy's Gaussian samples can leave the action bounds; the environment executes them clipped (the
+    # authors' code passed them on to its own environments, which are not public; here the bounds are the env's).
     return gym.wrappers.vector.ClipAction(envs)
 
 
@@ -418,12 +422,15 @@ class QNetwork(nn.Module):
     text; head="mlp" is the authors' Trax Value model with multiplicative
     action injection: o is projected by a linear layer before the gate, and
     the head is LayerNorm, one layer of 256 ReLU units, then linear.
-    Q is a function of the action the environment executes, so the network
-    clips its action input to the bounds [low, high].
+    The actions are the policy's Gaussian samples, which can leave the bounds
+    [low, high]; the authors' network takes them as they are. clip_actions
+    gives it the action the environment executes instead, clipped.
     """
 
-    def __init__(self, obs_dim: int, low: torch.Tensor, high: torch.Tensor, out_scale: float, head: str = "mlp"):
+    def __init__(self, obs_dim: int, low: torch.Tensor, high: torch.Tensor, out_scale: float, head: str = "mlp",
+                 clip_actions: bool = False):
         super().__init__()
+        self.clip_actions = clip_actions
         self.torso, self.embed = mlp(obs_dim), nn.Linear(len(low), 256)
         if head == "mlp":
             self.torso.append(nn.Linear(256, 256))
@@ -437,7 +444,7 @@ class QNetwork(nn.Module):
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """obs [..., obs_dim] (normalised), actions [..., k, act_dim] -> Q [..., k]."""
         o = self.torso(obs).unsqueeze(-2)
-        a = self.embed(actions.clamp(self.low, self.high))
+        a = self.embed(actions.clamp(self.low, self.high) if self.clip_actions else actions)
         return self.head(o * torch.tanh(a)).squeeze(-1) * self.out_scale
 
 
@@ -473,7 +480,7 @@ def make_learner(args: Args, obs_dim: int, action_space: gym.spaces.Box, device,
     low, high = (torch.as_tensor(b, dtype=torch.float32, device=device) for b in (action_space.low, action_space.high))
     actor = Actor(obs_dim, len(low)).to(device)
     critic = QNetwork(obs_dim, low, high, 1 / (1 - args.gamma) if args.scale_value_targets else 1.0,
-                      args.critic_head).to(device)
+                      args.critic_head, args.critic_clips_actions).to(device)
     # eps=1e-5 is the default of the authors' (Trax) Adam.
     return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False),
                    ObsNormalizer(obs_dim, obs_norm_limit, args.obs_clip).to(device),

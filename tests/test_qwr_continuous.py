@@ -194,12 +194,14 @@ def test_actor_regresses_on_unclipped_actions_of_the_stored_mu_weighted_by_advan
     assert metrics["clipped_weight_fraction"] == 0.0 and metrics["mean_at_bound_fraction"] == 0.0
 
 
-def test_the_critic_sees_the_action_the_environment_executes():
+@pytest.mark.parametrize("clip", [False, True])
+def test_the_critic_sees_the_sampled_action_or_with_the_flag_the_executed_one(clip):
     torch.manual_seed(0)
-    critic = qwr.QNetwork(3, torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.5]), out_scale=100.0)
-    obs = torch.randn(3)
-    q = critic(obs, torch.tensor([[3.0, -2.0], [1.0, -0.5], [0.2, 0.1]]))
-    assert q[0].item() == pytest.approx(q[1].item(), abs=1e-5)  # (3, -2) is executed as (1, -0.5)
+    box = qwr.gym.spaces.Box(np.array([-1.0, -0.5]), np.array([1.0, 0.5]))
+    critic = qwr.make_learner(qwr.Args(critic_clips_actions=clip), 3, box, "cpu", 100).critic
+    q = critic(torch.randn(3), torch.tensor([[3.0, -2.0], [1.0, -0.5], [0.2, 0.1]]))
+    # (3, -2) is executed as (1, -0.5); the authors' critic (no flag) tells the two apart.
+    assert (abs(q[0].item() - q[1].item()) < 1e-5) == clip
     assert abs(q[1].item() - q[2].item()) > 1e-3
 
 
@@ -373,8 +375,8 @@ def test_the_resume_command_of_a_stopped_save_dataset_run_leaves_the_dataset_out
 
 
 def test_online_training_gives_the_critic_the_envs_action_bounds(tmp_path, monkeypatch):
-    # The vector env's ClipAction takes any action, so its own action space is unbounded: the critic's
-    # clip of its action input, the at-bound diagnostic and the datasets' actions need the env's bounds.
+    # The vector env's ClipAction takes any action, so its own action space is unbounded: the at-bound
+    # diagnostic, --critic-clips-actions and the datasets' actions need the env's bounds.
     monkeypatch.chdir(tmp_path)
     real, spaces = qwr.make_learner, []
 
