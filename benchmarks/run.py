@@ -252,9 +252,11 @@ def redo(keys: list[str], reason: str) -> None:
         if aside.exists():
             sys.exit(f"error: {aside} exists: a run is set aside once")
         (aside / "runs").mkdir(parents=True)
-        # Its TensorBoard directories, named in its stdout ("logs in runs/<name>").
+        # Its TensorBoard directories: named in its stdout ("logs in runs/<name>"), or the one it was adopted from.
         names = {line.split("logs in runs/")[1].split()[0] for line in log.read_text().splitlines()
                  if "logs in runs/" in line} if log.is_file() else set()
+        if adopted := json.loads(marker.read_text()).get("adopted_from"):
+            names.add(Path(adopted).name)
         for name in sorted(names):
             if (RESULTS / "runs" / name).is_dir():
                 shutil.move(RESULTS / "runs" / name, aside / "runs" / name)

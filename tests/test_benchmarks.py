@@ -1,5 +1,6 @@
 """benchmarks/run.py's grids and benchmarks/report.py's reading of logs."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -231,6 +232,10 @@ def test_redo_sets_a_finished_run_aside_and_its_grid_makes_it_again(tmp_path, mo
         run.redo(["k"], "again")
     with pytest.raises(SystemExit, match="has not finished"):
         run.redo(["never-run"], "bug")
+    # A run taken in with --adopt has no stdout log; its marker names the directory it came from.
+    (tmp_path / "done" / "adopted.json").write_text(json.dumps({"adopted_from": "/elsewhere/runs/other__2"}))
+    run.redo(["adopted"], "bug")
+    assert [p.name for p in (tmp_path / "superseded" / "adopted" / "runs").iterdir()] == ["other__2"]
 
 
 def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_path, monkeypatch):
