@@ -69,8 +69,7 @@ class Args:
     obs_norm_sample_limit: int = 300_000
     """observations after which the running mean/std normaliser freezes (authors' code); 0 turns it off"""
     obs_clip: float = 0.0
-    """clip normalised observations to +-this; 0, the default, does not clip (the authors' Trax Normalize).
-    Humanoid-v4's contact forces normalise to |x| in the hundreds; 10 is CleanRL's and SB3's clip"""
+    """clip normalised observations to +-this (e.g. 10, for Humanoid's contact forces); 0: no clip (authors' code)"""
 
     # The two updates of every iteration (Table 4), online and offline
     critic_steps: int = 1000
@@ -106,8 +105,7 @@ class Args:
     scale_value_targets: bool = True
     """critic outputs Q * (1 - gamma) (per-step units), as the authors' code does"""
     critic_clips_actions: bool = False
-    """give Q the sampled action clipped to the bounds, as the environment executes it; off: Q sees the
-    sampled action itself, as in the authors' code"""
+    """Q gets the action clipped to the bounds, as executed; off: the sampled action itself (authors' code)"""
 
     # Actor (Eq. 3)
     beta: float = 1.0
@@ -744,6 +742,12 @@ def load_checkpoint(args: Args, learner: Learner, buffer: Optional[ReplayBuffer]
         raise UsageError(f"{path} is not a checkpoint of {SCRIPT} ({script})")
     if ckpt["args"]["env_id"] != args.env_id:
         raise UsageError(f"{path} was trained on {ckpt['args']['env_id']}, not {args.env_id}")
+    # What the networks were trained on but their weights do not hold: a run goes on (or is evaluated) with it.
+    for k in ("obs_clip",) if args.eval_only else ("obs_clip", "critic_clips_actions"):
+        if ckpt["args"].get(k, getattr(args, k)) != getattr(args, k):
+            flag, v = k.replace("_", "-"), ckpt["args"][k]
+            raise UsageError(f"{path} was trained with " + (f"--{flag} {v}" if not isinstance(v, bool)
+                                                             else f"--{flag}" if v else f"--no-{flag}"))
     for k in ("actor", "obs_norm") if args.eval_only else Learner.SAVED:
         try:
             getattr(learner, k).load_state_dict(ckpt[k])

@@ -82,7 +82,7 @@ GRIDS = {
     "qwr-table1": [  # QWR paper Table 1: MuJoCo at 100K samples
         ("QWR-LSE", "qwr_continuous.py", ["--backup", "lse"], MUJOCO),
         ("QWR-LSE (Trax config)", "qwr_continuous.py", QWR_TRAX, ["Hopper-v4"]),  # issue: the Hopper gap
-        # Humanoid-v4's contact forces normalise to |x| up to ~1e5 without a clip (README, Table 1).
+        # Humanoid-v4's contact forces normalise to hundreds of stds without a clip (README, Table 1).
         ("QWR-LSE (obs clip 10)", "qwr_continuous.py", ["--backup", "lse", "--obs-clip", "10"], ["Humanoid-v4"]),
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
         ("QWR-AVG", "qwr_continuous.py", ["--backup", "mean"], MUJOCO),
@@ -242,8 +242,9 @@ def adopt(runs_dir: Path) -> None:
 
 def redo(keys: list[str], reason: str) -> None:
     """Move finished runs aside, to results/superseded/<run>/ with the reason (say, a bug fixed since),
-    so that the next run of their grid makes them again from scratch. report.py reads only results/runs:
-    a run and its redo are never counted together."""
+    so that the next run of their grid makes them again from scratch (their work directories, with the
+    final checkpoints, go to <work>/superseded/). report.py reads only results/runs: a run and its redo
+    are never counted together."""
     for key in keys:
         marker, log = RESULTS / "done" / f"{key}.json", RESULTS / "logs" / f"{key}.log"
         if not marker.is_file():
@@ -264,7 +265,9 @@ def redo(keys: list[str], reason: str) -> None:
             shutil.move(log, aside / "stdout.log")
         shutil.move(marker, aside / "done.json")
         (aside / "reason.txt").write_text(reason + "\n")
-        shutil.rmtree(WORK / key, ignore_errors=True)  # its final checkpoint: else the grid would resume it
+        if (WORK / key).is_dir():  # its final checkpoint, kept outside git; left in place, the grid would resume it
+            (WORK / "superseded").mkdir(parents=True, exist_ok=True)
+            shutil.move(WORK / key, WORK / "superseded" / f"{key}__{int(time.time())}")
         print(f"set aside {key} ({', '.join(sorted(names)) or 'no TensorBoard log'}): {reason}")
 
 

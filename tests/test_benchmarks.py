@@ -31,6 +31,8 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
     assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 5 + 5  # methods x envs x
     # seeds, the Trax configuration on Hopper and the clipped observations on Humanoid
+    clip = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (obs clip 10)"])
+    assert [r["env"] for r in clip] == ["Humanoid-v4"] and clip[0]["args"][-4:] == ["--backup", "lse", "--obs-clip", "10"]
     assert run.runs_of("qwr-table3", [1], ["Walker2d-v4"], ["QWR-LSE"])[0]["args"][4:] == run.QWR_1M
 
 
@@ -45,6 +47,9 @@ def test_report_names_runs_from_their_hyper_parameters():
     assert report.method_of(trax | dict(critic_lr="0.0005")) == "QWR-LSE"
     assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", obs_clip="10.0")) == "QWR-LSE (obs clip 10)"
     assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", obs_clip="0.0")) == "QWR-LSE"
+    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", critic_clips_actions="True")) == \
+        "QWR-LSE (critic clips actions)"
+    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", critic_clips_actions="False")) == "QWR-LSE"
     assert report.grid_of({"exp_name": "qwr_continuous", "total_timesteps": "1000000"}) == "qwr-table3"
     assert report.grid_of({"exp_name": "awr_continuous", "total_timesteps": "100000"}) == "qwr-table1"
     assert report.method_of({"exp_name": "iq_continuous", "alpha": "0.9", "policy": "gaussian"}) == "M-IQ-gaussian"
@@ -227,6 +232,8 @@ def test_redo_sets_a_finished_run_aside_and_its_grid_makes_it_again(tmp_path, mo
     assert [p.name for p in (aside / "runs").iterdir()] == ["fake__1"]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other__2"]
     assert not (tmp_path / "done" / "k.json").exists() and not (tmp_path / "work" / "k").exists()
+    kept = list((tmp_path / "work" / "superseded").iterdir())  # its checkpoint stays, out of the grid's way
+    assert len(kept) == 1 and kept[0].name.startswith("k__") and (kept[0] / "runs" / "fake__1").is_dir()
     assert run.launch(k, 1)[1] == 0 and (tmp_path / "done" / "k.json").is_file()  # made again, from scratch
     with pytest.raises(SystemExit, match="set aside once"):
         run.redo(["k"], "again")

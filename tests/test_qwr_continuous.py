@@ -342,6 +342,21 @@ def test_after_the_rest_of_a_stopped_iteration_the_next_one_is_whole(tmp_path, m
     assert counts == {"critic": 9, "actor": 12} and resumed["global_step"] == 300
 
 
+def test_a_checkpoint_goes_on_only_with_the_obs_clip_and_critic_input_it_was_trained_with(tmp_path, monkeypatch):
+    # Neither is in the networks' weights: resumed without them, a run would change what its critic sees.
+    monkeypatch.chdir(tmp_path)
+    trained = replace(STOPPABLE, obs_clip=5.0, critic_clips_actions=True)
+    path = qwr.train(trained)["checkpoint"]
+    more = replace(trained, checkpoint_path=path, total_timesteps=300)
+    with pytest.raises(qwr.UsageError, match="trained with --obs-clip 5.0$"):
+        qwr.train(replace(more, obs_clip=0.0))
+    with pytest.raises(qwr.UsageError, match="trained with --critic-clips-actions$"):
+        qwr.train(replace(more, critic_clips_actions=False))
+    # Evaluating needs the actor's observations only.
+    assert qwr.train(replace(more, critic_clips_actions=False, eval_only=True, eval_episodes=1))["eval_return"]
+    assert qwr.train(more)["global_step"] == 300
+
+
 def test_a_diverged_run_stopped_inside_an_iteration_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
     # The critic's losses turn NaN in iteration 2, whose updates a signal then cuts short: the run ends with
     # the FloatingPointError, and the checkpoint of iteration 1 stays as it was.

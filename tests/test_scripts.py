@@ -99,6 +99,7 @@ BAD_INPUT = [
     ("qwr", dict(total_timesteps=150), "multiple of --steps-per-iteration"),
     ("qwr", dict(tau=0.0), "--tau must be > 0"),
     ("qwr", dict(td_lambda=1.5), "--td-lambda"),
+    ("qwr", dict(obs_clip=-1.0), "--obs-clip must be >= 0"),
     ("qwr", dict(offline_iterations=5), "--offline-iterations applies to offline training only"),
     ("awr", dict(num_envs=3), "multiple of --num-envs"),
     ("awr", dict(gamma=1.0), "--gamma must be in (0, 1)"),
