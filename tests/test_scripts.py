@@ -73,15 +73,18 @@ def test_smoke_run_checkpoint_resume_and_eval(script, tmp_path, monkeypatch):
     assert len(ev["eval_returns"]) == 3 and ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"]))
 
 
-# Compiled, only qwr_continuous.py is checked: two compiled awr runs in one test process once differed
-# in the 7th digit of value_mean after other tests had compiled (not yet explained).
-@pytest.mark.parametrize("script, compile", [("qwr", False), ("awr", False), ("iq", False), ("qwr", True)],
-                         ids=["qwr-eager", "awr-eager", "iq-eager", "qwr-compiled"])
+# Each run starts from a fresh torch.compile state, as a new process does. The state is process-wide: graphs,
+# and which Python numbers (an optimizer's learning rate) dynamo has seen change and now takes as inputs, so a
+# second compiled run in one process can get other kernels that round otherwise (awr's return_mean differed
+# in the 7th digit after qwr and iq had compiled; with the reset, or in separate processes, it does not).
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("script", ["qwr", "awr", "iq"])
 def test_same_seed_same_numbers(script, compile, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = TINY[script]
     steps = run.flags.get("learning_starts", 0) + 100
-    a, b = (run.module.train(tiny(script, total_timesteps=steps, eval_every=100, compile=compile)) for _ in range(2))
+    a, b = (torch._dynamo.reset() or run.module.train(tiny(script, total_timesteps=steps, eval_every=100,
+                                                            compile=compile)) for _ in range(2))
     same = [k for k in run.finite if k != "sps"]  # all but the speed
     assert [a[k] for k in same] == [b[k] for k in same]
 
