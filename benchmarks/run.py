@@ -84,6 +84,9 @@ GRIDS = {
         ("QWR-LSE (Trax config)", "qwr_continuous.py", QWR_TRAX, ["Hopper-v4"]),  # issue: the Hopper gap
         # Humanoid-v4's contact forces normalise to hundreds of stds without a clip (README, Table 1).
         ("QWR-LSE (obs clip 10)", "qwr_continuous.py", ["--backup", "lse", "--obs-clip", "10"], ["Humanoid-v4"]),
+        # Before a644921 the critic clipped its action input; Walker2d's seeds then scored higher (README, Table 1).
+        ("QWR-LSE (critic clips actions)", "qwr_continuous.py", ["--backup", "lse", "--critic-clips-actions"],
+         ["Walker2d-v4"]),
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
         ("QWR-AVG", "qwr_continuous.py", ["--backup", "mean"], MUJOCO),
         ("AWR", "awr_continuous.py", [], MUJOCO),
