@@ -1148,16 +1148,16 @@ def load_dataset(dataset_id: str, download: bool, action_std: float, device) -> 
     return buffer, spec, refs
 
 
-def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, device, seed: int) -> list:
-    """One episode in each of n environments, acting with the Gaussian policy."""
+def policy_episodes(env_id: str, n: int, actor, obs_norm, action_std: float, device, seed: int, action_space) -> list:
+    """One episode in each of n environments, acting with the Gaussian policy; the dataset keeps the
+    actions clipped to action_space, the env's own (ClipAction's are infinite)."""
     envs = make_vec_env(env_id, n)
     obs, _ = envs.reset(seed=seed)
     horizon = gym.spec(env_id).max_episode_steps or 1000  # every env ends an episode by then
     rollout, _, _ = collect(envs, obs, horizon, actor, obs_norm, action_std, device)
-    space = check_env(env_id).action_space  # the env's bounds (ClipAction's are infinite)
     envs.close()
-    return [episodes_of([{k: v[:, e : e + 1] for k, v in rollout.items()}], space.low, space.high)[0]
-            for e in range(n)]
+    low, high = action_space.low, action_space.high
+    return [episodes_of([{k: v[:, e : e + 1] for k, v in rollout.items()}], low, high)[0] for e in range(n)]
 
 
 def write_datasets(args: Args, collected: list, learner: Learner, device, run_name: str, action_space) -> None:
@@ -1167,7 +1167,7 @@ def write_datasets(args: Args, collected: list, learner: Learner, device, run_na
                       f"every step of {args.total_timesteps} collected by qwr_continuous.py (seed {args.seed})")
     if args.save_policy_dataset:
         episodes = policy_episodes(args.env_id, args.policy_dataset_episodes, learner.actor, learner.obs_norm,
-                                   args.action_std, device, args.seed + 20_000)
+                                   args.action_std, device, args.seed + 20_000, action_space)
         write_dataset(args.save_policy_dataset, episodes, args.env_id,
                       f"episodes of QWR's Gaussian policy (std {args.action_std}) after {run_name}")
 

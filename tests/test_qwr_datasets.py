@@ -75,7 +75,11 @@ def test_online_run_writes_both_datasets_then_trains_offline_from_one(datasets_d
                        policy_dataset_episodes=3))
     buffer, _, _ = qwr.load_dataset("local/hopper/replay-v0", False, 0.4, "cpu")
     assert buffer.size == 200  # every step collected
-    assert qwr.load_dataset("local/hopper/policy-v0", False, 0.4, "cpu")[0].data["episode_end"].sum() == 3
+    policy = qwr.load_dataset("local/hopper/policy-v0", False, 0.4, "cpu")[0]
+    assert policy.data["episode_end"].sum() == 3
+    # Both hold the executed actions: the Gaussian samples clipped to Hopper's bounds of +-1 (some reach them).
+    for data in (buffer.data, policy.data):
+        assert data["action"].abs().max() == 1.0
     m = qwr.train_offline(qwr.Args(**UPDATES, offline_dataset_id="local/hopper/replay-v0", offline_iterations=2))
     assert m["global_step"] == 2 and math.isfinite(m["critic_loss"])
     episodes = int(buffer.data["episode_end"].sum())  # the mean episode return of the 200 steps collected

@@ -83,8 +83,12 @@ def test_same_seed_same_numbers(script, compile, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = TINY[script]
     steps = run.flags.get("learning_starts", 0) + 100
-    a, b = (torch._dynamo.reset() or run.module.train(tiny(script, total_timesteps=steps, eval_every=100,
-                                                            compile=compile)) for _ in range(2))
+
+    def fresh_run():
+        torch._dynamo.reset()
+        return run.module.train(tiny(script, total_timesteps=steps, eval_every=100, compile=compile))
+
+    a, b = fresh_run(), fresh_run()
     same = [k for k in run.finite if k != "sps"]  # all but the speed
     assert [a[k] for k in same] == [b[k] for k in same]
 
