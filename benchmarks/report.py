@@ -43,6 +43,7 @@ def method_of(hp: dict) -> str:
         clip = float(hp.get("obs_clip", 0))
         return (f"QWR-{backup}" + (" (Trax config)" if trax else "") + (f" (obs clip {clip:g})" if clip > 0 else "")
                 + (" (critic clips actions)" if hp.get("critic_clips_actions") == "True" else "")
+                + (" (bf16 matmuls)" if hp.get("bf16_matmuls") == "True" else "")
                 + (" offline" if offline_dataset(hp) else ""))
     if script == "iq_continuous":
         munchausen = float(hp.get("alpha", 0)) > 0

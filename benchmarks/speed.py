@@ -60,17 +60,19 @@ def time_modes(modes: dict, run, device: torch.device, rounds: int, steps: int) 
     return {mode: statistics.median(v) for mode, v in per_step.items()}
 
 
-def measure(updates, eager, compile_fns, device: torch.device, rounds: int, steps: int) -> dict:
+def measure(updates, eager, compile_fns, device: torch.device, rounds: int, steps: int, more: dict = {}) -> dict:
     """What a script's row needs from updates(fns, n), n gradient steps with the step functions fns:
     the FLOPs of one eager step, the seconds compile_fns(eager) takes to compile (3 steps), and
-    the seconds per step eager and compiled."""
+    the seconds per step eager and compiled, and in the same rounds with each of `more`'s fns."""
     with FlopCounterMode(display=False) as counter:
         updates(eager, 1)
     start = time.perf_counter()
     fast = compile_fns(eager)
     updates(fast, 3)
     compile_seconds = time.perf_counter() - start
-    step = time_modes({"eager": eager, "compiled": fast}, updates, device, rounds, steps)
+    for fns in more.values():
+        updates(fns, 3)
+    step = time_modes({"eager": eager, "compiled": fast, **more}, updates, device, rounds, steps)
     return dict(flops=counter.get_total_flops(), compile_seconds=compile_seconds, step=step)
 
 
@@ -94,14 +96,21 @@ def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
         buffer.add(rollout)
     envs.close()
 
-    def updates(fns, n: int) -> None:  # n critic and n actor steps
-        short = replace(args, critic_steps=n, actor_steps=n)
-        qwr.train_critic(short, buffer, learner.critic, learner.target, learner.critic_opt, learner.obs_norm, fns[0])
-        qwr.train_actor(short, buffer, learner.actor, learner.critic, learner.actor_opt, learner.obs_norm, fns[1])
+    # The same learner with --bf16-matmuls, compiled (the hidden layers multiply in bfloat16).
+    bf16 = qwr.make_learner(replace(args, bf16_matmuls=True), obs_dim, envs.single_action_space, device,
+                            args.obs_norm_sample_limit)
+    for k in qwr.Learner.SAVED:
+        getattr(bf16, k).load_state_dict(getattr(learner, k).state_dict())
+
+    def updates(fns, n: int) -> None:  # n critic and n actor steps, of fns[2] if given, else of learner
+        short, lr = replace(args, critic_steps=n, actor_steps=n), fns[2] if len(fns) > 2 else learner
+        qwr.train_critic(short, buffer, lr.critic, lr.target, lr.critic_opt, lr.obs_norm, fns[0])
+        qwr.train_actor(short, buffer, lr.actor, lr.critic, lr.actor_opt, lr.obs_norm, fns[1])
 
     # A step: a critic and an actor step.
-    m = measure(updates, (qwr.critic_step, qwr.actor_step),
-                lambda fns: tuple(qwr.compiled(f, args, device) for f in fns), device, rounds, steps)
+    compile_fns = lambda fns: tuple(qwr.compiled(f, args, device) for f in fns)  # noqa: E731
+    m = measure(updates, (qwr.critic_step, qwr.actor_step), compile_fns, device, rounds, steps,
+                more={"bf16": (*compile_fns((qwr.critic_step, qwr.actor_step)), bf16)})
     collect = statistics.median(collect_seconds)
     return dict(script="qwr_continuous.py", task="Walker2d-v4", updates_per_step=2, **m,
                 iteration={mode: collect + args.critic_steps * s for mode, s in m["step"].items()})
@@ -258,13 +267,16 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
     lines = [f"Measured {datetime.date.today().isoformat()} on {machine(device)}, torch {torch.__version__}; "
              f"the machine's limit: {limit / 1e9:.0f} GFLOP/s (2048 x 2048 float32 matrix multiply).", "",
              "| script | task | device | s / iteration, eager | s / iteration, compiled | speed-up | "
+             "compiled, --bf16-matmuls: s / iteration, speed-up | "
              "updates / s, compiled | GFLOP / update | share of the limit, eager / compiled | compile time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         share = {m: r["flops"] / s / limit for m, s in r["step"].items()}
+        it = r["iteration"]
+        bf16 = f"{it['bf16']:.1f}, {it['eager'] / it['bf16']:.2f}x" if "bf16" in it else "–"
         lines.append(
-            f"| {r['script']} | {r['task']} | {device.type} | {r['iteration']['eager']:.1f} | "
-            f"{r['iteration']['compiled']:.1f} | {r['iteration']['eager'] / r['iteration']['compiled']:.2f}x | "
+            f"| {r['script']} | {r['task']} | {device.type} | {it['eager']:.1f} | "
+            f"{it['compiled']:.1f} | {it['eager'] / it['compiled']:.2f}x | {bf16} | "
             f"{r['updates_per_step'] / r['step']['compiled']:.0f} | {r['flops'] / r['updates_per_step'] / 1e9:.2f} | "
             f"{share['eager']:.0%} / {share['compiled']:.0%} | "
             f"{r['compile_seconds']:.0f} s |")
@@ -274,9 +286,10 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
               "update; for awr_continuous.py 2048 environment steps, the buffer's returns twice, 200 critic and "
               "1000 actor steps (at the mean time of a critic and an actor step); for qwr_atari.py 1000 "
               "interactions, then 1000 critic and 1000 actor steps; for emaq_offline.py 1000 Q updates (batch 256 at "
-              "Table 2's sizes, 100 at the emaq-n grid's). Compiled: the scripts' `compiled()`, torch.compile's "
+              "Table 2's sizes, 100 at the emaq-n grid's). Speed-ups are over eager. Compiled: the scripts' `compiled()`, torch.compile's "
               + ("reduce-overhead mode (CUDA graphs, the default --cudagraphs)." if device.type == "cuda" else
-                 "default mode (on a CPU there are no CUDA graphs).")]
+                 "default mode (on a CPU there are no CUDA graphs).") + " --bf16-matmuls: the hidden layers' "
+              "matrix multiplies in bfloat16 (qwr_continuous.py only; it changes the numbers)."]
     return "\n".join(lines)
 
 

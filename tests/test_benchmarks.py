@@ -52,6 +52,9 @@ def test_report_names_runs_from_their_hyper_parameters():
     assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", critic_clips_actions="True")) == \
         "QWR-LSE (critic clips actions)"
     assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", critic_clips_actions="False")) == "QWR-LSE"
+    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", bf16_matmuls="True")) == \
+        "QWR-LSE (bf16 matmuls)"
+    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", bf16_matmuls="False")) == "QWR-LSE"
     assert report.grid_of({"exp_name": "qwr_continuous", "total_timesteps": "1000000"}) == "qwr-table3"
     assert report.grid_of({"exp_name": "awr_continuous", "total_timesteps": "100000"}) == "qwr-table1"
     assert report.method_of({"exp_name": "iq_continuous", "alpha": "0.9", "policy": "gaussian"}) == "M-IQ-gaussian"
@@ -207,9 +210,12 @@ def test_speed_table_gives_the_speed_up_and_the_share_of_the_machine():
     # 1 GFLOP per critic + actor step; 10 ms eager and 5 ms compiled per pair; 1 s of collection, 1000 pairs.
     r = dict(script="x.py", task="T", flops=1e9, updates_per_step=2, step={"eager": 0.010, "compiled": 0.005},
              compile_seconds=7, iteration={"eager": 11.0, "compiled": 6.0})
-    text = speed.table([r], limit=400e9, device=torch.device("cpu"))
+    # A second script with a bf16 mode: 4 ms per pair, 5.0 s per iteration.
+    b = r | dict(script="y.py", step=r["step"] | {"bf16": 0.004}, iteration=r["iteration"] | {"bf16": 5.0})
+    text = speed.table([r, b], limit=400e9, device=torch.device("cpu"))
     # 1e9 FLOP / 0.010 s = 100 GFLOP/s = 25% of 400; compiled 50%. 2 updates per 5 ms = 400 per second.
-    assert "| x.py | T | cpu | 11.0 | 6.0 | 1.83x | 400 | 0.50 | 25% / 50% | 7 s |" in text
+    assert "| x.py | T | cpu | 11.0 | 6.0 | 1.83x | – | 400 | 0.50 | 25% / 50% | 7 s |" in text
+    assert "| y.py | T | cpu | 11.0 | 6.0 | 1.83x | 5.0, 2.20x | 400 | 0.50 | 25% / 50% | 7 s |" in text
     assert speed.matmul_limit(torch.device("cpu"), n=64, repeats=1) > 0
 
 
