@@ -29,12 +29,15 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
         "qwr-table1__QWR-LSE__Hopper-v4__1", "qwr-table1__QWR-LSE__Hopper-v4__2",
         "qwr-table1__AWR__Hopper-v4__1", "qwr-table1__AWR__Hopper-v4__2"]
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
-    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 5 + 5 + 5  # methods x envs
-    # x seeds, the Trax configuration on Hopper, clipped observations on Humanoid, the clipping critic on Walker2d
+    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 5 + 5 + 5 + 5  # methods x
+    # envs x seeds, the Trax configuration on Hopper, clipped observations on Humanoid, the clipping critic and
+    # bfloat16 matrix multiplies on Walker2d
     clip = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (obs clip 10)"])
     assert [r["env"] for r in clip] == ["Humanoid-v4"] and clip[0]["args"][-4:] == ["--backup", "lse", "--obs-clip", "10"]
     clipping = run.runs_of("qwr-table1", [3], None, ["QWR-LSE (critic clips actions)"])
     assert [r["env"] for r in clipping] == ["Walker2d-v4"] and clipping[0]["args"][-1] == "--critic-clips-actions"
+    bf16 = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (bf16 matmuls)"])
+    assert [r["env"] for r in bf16] == ["Walker2d-v4"] and bf16[0]["args"][-1] == "--bf16-matmuls"
     assert run.runs_of("qwr-table3", [1], ["Walker2d-v4"], ["QWR-LSE"])[0]["args"][4:] == run.QWR_1M
 
 
