@@ -77,16 +77,19 @@ def test_smoke_run_checkpoint_resume_and_eval(script, tmp_path, monkeypatch):
 # and which Python numbers (an optimizer's learning rate) dynamo has seen change and now takes as inputs, so a
 # second compiled run in one process can get other kernels that round otherwise (awr's return_mean differed
 # in the 7th digit after qwr and iq had compiled; with the reset, or in separate processes, it does not).
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("script", ["qwr", "awr", "iq"])
-def test_same_seed_same_numbers(script, compile, tmp_path, monkeypatch):
+SAME_SEED = [(s, c, {}) for s in ("qwr", "awr", "iq") for c in (False, True)] + [("qwr", True, {"bf16_matmuls": True})]
+
+
+@pytest.mark.parametrize("script, compile, flags", SAME_SEED,
+                         ids=[f"{s}-{'compiled' if c else 'eager'}{'-bf16' if f else ''}" for s, c, f in SAME_SEED])
+def test_same_seed_same_numbers(script, compile, flags, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = TINY[script]
     steps = run.flags.get("learning_starts", 0) + 100
 
     def fresh_run():
         torch._dynamo.reset()
-        return run.module.train(tiny(script, total_timesteps=steps, eval_every=100, compile=compile))
+        return run.module.train(tiny(script, total_timesteps=steps, eval_every=100, compile=compile, **flags))
 
     a, b = fresh_run(), fresh_run()
     same = [k for k in run.finite if k != "sps"]  # all but the speed
