@@ -286,10 +286,12 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
               "update; for awr_continuous.py 2048 environment steps, the buffer's returns twice, 200 critic and "
               "1000 actor steps (at the mean time of a critic and an actor step); for qwr_atari.py 1000 "
               "interactions, then 1000 critic and 1000 actor steps; for emaq_offline.py 1000 Q updates (batch 256 at "
-              "Table 2's sizes, 100 at the emaq-n grid's). Speed-ups are over eager. Compiled: the scripts' `compiled()`, torch.compile's "
+              "Table 2's sizes, 100 at the emaq-n grid's). Speed-ups are over eager. Compiled: the scripts' "
+              "`compiled()`, torch.compile's "
               + ("reduce-overhead mode (CUDA graphs, the default --cudagraphs)." if device.type == "cuda" else
                  "default mode (on a CPU there are no CUDA graphs).") + " --bf16-matmuls: the hidden layers' "
-              "matrix multiplies in bfloat16 (qwr_continuous.py only; it changes the numbers)."]
+              "matrix multiplies in bfloat16 (qwr_continuous.py only; it changes the numbers), its iteration "
+              "counting the collection time measured with float32 networks."]
     return "\n".join(lines)
 
 

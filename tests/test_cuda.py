@@ -31,6 +31,10 @@ RUNS = {
     "qwr": (qwr_continuous.train, HOPPER | dict(total_timesteps=200, steps_per_iteration=100, critic_steps=8,
                                                 actor_steps=8, eval_every=1),
             ("critic_loss", "actor_loss", "q_mean", "eval_return", "eval_return_sampled")),
+    # bfloat16 hidden layers: on CUDA, LayerNorm refuses bfloat16 input with float32 weights
+    "qwr-bf16": (qwr_continuous.train, HOPPER | dict(total_timesteps=200, steps_per_iteration=100, critic_steps=8,
+                                                     actor_steps=8, eval_every=1, bf16_matmuls=True),
+                 ("critic_loss", "actor_loss", "q_mean", "eval_return", "eval_return_sampled")),
     "qwr-offline": (qwr_continuous.train_offline, dict(offline_dataset_id=LOCAL, download=False, offline_iterations=2,
                                                        critic_steps=8, actor_steps=8, batch_size=16, eval_every=1,
                                                        eval_episodes=1, cuda=True),
@@ -51,10 +55,11 @@ RUNS = {
 }
 # The same, for the comparison of compiled and eager: one iteration (or window) of updates on data that
 # the untrained policy collected, so that both paths learn from the same steps.
-FIRST_UPDATES = {"qwr": dict(total_timesteps=100), "awr": dict(total_timesteps=100),
-                 "iq": dict(total_timesteps=120), "atari": dict(total_timesteps=100),
+FIRST_UPDATES = {"qwr": dict(total_timesteps=100), "qwr-bf16": dict(total_timesteps=100),
+                 "awr": dict(total_timesteps=100), "iq": dict(total_timesteps=120), "atari": dict(total_timesteps=100),
                  "emaq": dict(num_updates=10), "qwr-offline": dict(offline_iterations=1)}
-LOSSES = {"qwr": ("critic_loss", "actor_loss"), "qwr-offline": ("critic_loss", "actor_loss"),
+LOSSES = {"qwr": ("critic_loss", "actor_loss"), "qwr-bf16": ("critic_loss", "actor_loss"),
+          "qwr-offline": ("critic_loss", "actor_loss"),
           "awr": ("critic_loss", "actor_loss"), "iq": ("loss",), "atari": ("critic_loss", "actor_loss"),
           "emaq": ("mu_nll", "q_loss")}
 
@@ -126,8 +131,8 @@ def test_compiled_and_eager_updates_give_the_same_losses_on_the_gpu(script, in_t
     module = sys.modules[train.__module__]
     eager, fast = (train(module.Args(**(flags | FIRST_UPDATES[script] | dict(compile=c, eval_episodes=0, seed=3))))
                    for c in (False, True))
-    for key in LOSSES[script]:
-        assert fast[key] == pytest.approx(eager[key], rel=1e-3), key
+    for key in LOSSES[script]:  # (bfloat16 rounds in other places compiled: tests/test_qwr_continuous.py)
+        assert fast[key] == pytest.approx(eager[key], rel=1e-2 if script == "qwr-bf16" else 1e-3), key
 
 
 @pytest.mark.parametrize("module", [qwr_continuous, qwr_atari, awr_continuous, emaq_offline, iq_continuous],
