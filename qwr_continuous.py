@@ -55,7 +55,7 @@ class Args:
     """with --compile on CUDA: replay each gradient step from CUDA graphs (compile's "reduce-overhead" mode)"""
     bf16_matmuls: bool = False
     """hidden layers multiply in bfloat16 with float32 sums, close to the authors' TPU v2 (see Linear):
-    1.3-1.5x faster iterations than eager float32 on a CPU with avx512_bf16 (GPU not measured); off: float32"""
+    1.1-1.5x faster iterations than eager float32 on a CPU with avx512_bf16 (GPU not measured); off: float32"""
     env_id: Optional[str] = None
     """gymnasium id of an environment with a continuous (Box) action space: Walker2d-v4 if not given;
     offline, the dataset's (a given id must be the same)"""

@@ -87,7 +87,7 @@ GRIDS = {
         # Before a644921 the critic clipped its action input; Walker2d's seeds then scored higher (README, Table 1).
         ("QWR-LSE (critic clips actions)", "qwr_continuous.py", ["--backup", "lse", "--critic-clips-actions"],
          ["Walker2d-v4"]),
-        # Matrix multiplies close to the authors' TPU's, 1.3-1.5x faster than eager float32 here (README, Speed):
+        # Matrix multiplies close to the authors' TPU's, 1.1-1.5x faster than eager float32 here (README, Speed):
         # do the scores hold?
         ("QWR-LSE (bf16 matmuls)", "qwr_continuous.py", ["--backup", "lse", "--bf16-matmuls"], ["Walker2d-v4"]),
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
