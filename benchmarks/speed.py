@@ -60,7 +60,7 @@ def time_modes(modes: dict, run, device: torch.device, rounds: int, steps: int) 
     return {mode: statistics.median(v) for mode, v in per_step.items()}
 
 
-def measure(updates, eager, compile_fns, device: torch.device, rounds: int, steps: int, more: dict = {}) -> dict:
+def measure(updates, eager, compile_fns, device: torch.device, rounds: int, steps: int, more=None) -> dict:
     """What a script's row needs from updates(fns, n), n gradient steps with the step functions fns:
     the FLOPs of one eager step, the seconds compile_fns(eager) takes to compile (3 steps), and
     the seconds per step eager and compiled, and in the same rounds with each of `more`'s fns."""
@@ -70,6 +70,7 @@ def measure(updates, eager, compile_fns, device: torch.device, rounds: int, step
     fast = compile_fns(eager)
     updates(fast, 3)
     compile_seconds = time.perf_counter() - start
+    more = more or {}
     for fns in more.values():
         updates(fns, 3)
     step = time_modes({"eager": eager, "compiled": fast, **more}, updates, device, rounds, steps)
@@ -108,9 +109,11 @@ def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
         qwr.train_actor(short, buffer, lr.actor, lr.critic, lr.actor_opt, lr.obs_norm, fns[1])
 
     # A step: a critic and an actor step.
-    compile_fns = lambda fns: tuple(qwr.compiled(f, args, device) for f in fns)  # noqa: E731
-    m = measure(updates, (qwr.critic_step, qwr.actor_step), compile_fns, device, rounds, steps,
-                more={"bf16": (*compile_fns((qwr.critic_step, qwr.actor_step)), bf16)})
+    def compile_fns(fns):
+        return tuple(qwr.compiled(f, args, device) for f in fns)
+
+    step_fns = (qwr.critic_step, qwr.actor_step)
+    m = measure(updates, step_fns, compile_fns, device, rounds, steps, more={"bf16": (*compile_fns(step_fns), bf16)})
     collect = statistics.median(collect_seconds)
     return dict(script="qwr_continuous.py", task="Walker2d-v4", updates_per_step=2, **m,
                 iteration={mode: collect + args.critic_steps * s for mode, s in m["step"].items()})
