@@ -3,6 +3,9 @@
     python benchmarks/report.py                 # writes benchmarks/results/REPORT.md and PNGs
     python benchmarks/report.py --readme README.md   # and the README's Results section
 
+It also writes benchmarks/results/DIAGNOSTICS.md: for every online QWR run that logged them, what
+its policy and critic did at each evaluation (how a stuck run differs from one that escaped).
+
 Reads every TensorBoard run under benchmarks/results/runs/ (what each run
 is comes from its logged hyper-parameters), the BitFlip sweep's CSV, the
 markers benchmarks/run.py leaves (machine and date), and the papers' numbers
@@ -32,6 +35,20 @@ GRID_TITLES = {
     "emaq": "Offline: EMaQ and QWR on datasets made by qwr_continuous.py",
     "emaq-d4rl": "EMaQ paper Fig. 1-2 and Table 1: Minari's D4RL datasets (normalised scores)",
 }
+# What qwr_continuous.py logs at each iteration about its actor's batch (train_actor), and at each
+# evaluation; DIAGNOSTICS.md's columns, in this order.
+DIAGNOSTICS = {
+    "charts/eval_return": "eval, deterministic",
+    "charts/eval_return_sampled": "eval, sampled",
+    "diagnostics/mean_at_bound_fraction": "policy means at or past a bound",
+    "diagnostics/q_spread": "std of Q over the k actions",
+    "diagnostics/weight_spread": "std of the weights over the k actions",
+    "losses/q_mean": "mean Q",
+    "losses/actor_loss": "actor loss",
+}
+# From bb3b27d to 6f04b38 (2026-11-23 20:35 to 2026-11-24 06:28 UTC) the critic took its action bounds
+# from an unbounded space, so mean_at_bound_fraction read 0 whatever the policy did: not a measurement.
+AT_BOUND_UNMEASURED = (1795466138, 1795501720)
 
 
 def method_of(hp: dict) -> str:
@@ -112,6 +129,11 @@ def read_run(path: Path) -> dict | None:
     times = np.sort([e.wall_time for tag in tags["scalars"] for e in ea.Scalars(tag)])
     gaps = np.diff(times)
     sps = ea.Scalars("charts/SPS")[-1].value if "charts/SPS" in tags["scalars"] else float("nan")
+    diagnostics = {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in DIAGNOSTICS if tag in tags["scalars"]}
+    if "diagnostics/mean_at_bound_fraction" in diagnostics:
+        low, high = AT_BOUND_UNMEASURED
+        diagnostics["diagnostics/mean_at_bound_fraction"] = {
+            e.step: e.value for e in ea.Scalars("diagnostics/mean_at_bound_fraction") if not low <= e.wall_time <= high}
     return dict(
         grid=grid_of(hp), method=method_of(hp),
         env=hp.get("dataset_id") or offline_dataset(hp) or hp.get("env_id", "?"),
@@ -120,7 +142,7 @@ def read_run(path: Path) -> dict | None:
         score=final.get("charts/normalized_score"), dataset_return=final.get("charts/dataset_return"),
         sampled=final.get("charts/eval_return_sampled"), late_train_return=float(np.mean(late)) if late else None,
         behavior_return=final.get("charts/behavior_return"), q_curve=q_curve,
-        discounted_return=final.get("charts/dataset_discounted_return"),
+        discounted_return=final.get("charts/dataset_discounted_return"), diagnostics=diagnostics,
     )
 
 
@@ -209,7 +231,8 @@ def plot_grid(grid: str, runs: list[dict], out: Path, paper: dict) -> None:
             if not steps:
                 continue
             y = np.array([[c[s] for s in steps] for c in curves])
-            line = ax.plot(steps, np.median(y, 0), "o-", ms=3, label=f"{method} ({len(curves)} seeds)")[0]
+            seeds = f"{len(curves)} seed" + "s" * (len(curves) > 1)
+            line = ax.plot(steps, np.median(y, 0), "o-", ms=3, label=f"{method} ({seeds})")[0]
             if len(curves) > 1:
                 ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
             p = paper.get((grid, method, env))
@@ -357,6 +380,29 @@ def table_row(grid: str, method: str, env: str, grid_runs: list[dict], paper: di
     return f"| {method} | {env} | {ours} | {sampled} | {each} | {train} | {seeds} | {theirs} | {wall} | {sps} |"
 
 
+def diagnostics_report(runs: list[dict]) -> str:
+    """DIAGNOSTICS.md: one table per online run that logged diagnostics/*, a row per evaluation."""
+    lines = ["# What each QWR run did at its evaluations", "",
+             "Written by benchmarks/report.py from the runs' TensorBoard logs. The diagnostics are those of "
+             "the actor's last batch of the iteration that ends at the evaluation (qwr_continuous.py, "
+             "`actor_step`): the fraction of policy means at or past the action bounds, and the std over "
+             "the k sampled actions of one state of Q and of the advantage weights, averaged over states. "
+             "Runs logged between bb3b27d and 6f04b38 show no at-bound fraction: a bug made it read 0 "
+             "(README, Results).", ""]
+    logged = [r for r in runs if "diagnostics/q_spread" in r["diagnostics"] and not offline_dataset(r["hp"])]
+    for r in sorted(logged, key=lambda r: (r["grid"], r["env"], r["method"], r["seed"])):
+        d = r["diagnostics"]
+        lines += [f"## {r['method']}, {r['env']}, seed {r['seed']}{'' if r['finished'] else ' (not finished)'}",
+                  f"`{r['path'].name}`", "", "| steps | " + " | ".join(DIAGNOSTICS.values()) + " |",
+                  "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+        for step, _ in r["curve"]:
+            cells = [("–" if step not in d.get(tag, {}) else f"{d[tag][step]:.0f}" if abs(d[tag][step]) >= 100
+                      else f"{d[tag][step]:.3g}") for tag in DIAGNOSTICS]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def report(prefix: str) -> str:
     """The whole report as markdown; image paths start with prefix."""
     runs = collect_runs(RESULTS / "runs")
@@ -401,6 +447,8 @@ def main() -> None:
         raise SystemExit(f"error: no results in {RESULTS}; run benchmarks/run.py first")
     (RESULTS / "REPORT.md").write_text("# Benchmark report\n\n" + report("") + "\n")
     print(f"wrote {RESULTS / 'REPORT.md'}")
+    (RESULTS / "DIAGNOSTICS.md").write_text(diagnostics_report(collect_runs(RESULTS / "runs")) + "\n")
+    print(f"wrote {RESULTS / 'DIAGNOSTICS.md'}")
     if a.readme:
         text = a.readme.read_text()
         if START not in text or END not in text:

@@ -271,3 +271,20 @@ def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_
     # mu alone once per seed (2); N = 1 over its two seeds; N = 5 and 10 not run.
     assert row == f"| {run.DATASETS_N[0]} | -776 | -756 ± 0 (2) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) |"
     assert (tmp_path / "emaq-n.png").is_file()
+
+
+def test_diagnostics_show_each_evaluations_iteration_and_not_the_at_bound_fraction_of_the_bug_window(tmp_path):
+    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=20_000)
+    for seed, wall_time in ((1, 1795400000.0), (2, report.AT_BOUND_UNMEASURED[0] + 60.0)):
+        fake_run(tmp_path, f"r{seed}", hp | dict(seed=seed), [(10_000, 200.0), (20_000, 3000.0)])
+        writer = SummaryWriter(str(tmp_path / f"r{seed}"))
+        for step in range(5_000, 20_001, 5_000):  # every iteration, evaluated or not
+            for tag, value in (("diagnostics/mean_at_bound_fraction", step / 1e5),
+                               ("diagnostics/q_spread", step / 1e3), ("diagnostics/weight_spread", 0.5)):
+                writer.add_scalar(tag, value, step, walltime=wall_time + step)
+        writer.close()
+    text = report.diagnostics_report(report.collect_runs(tmp_path))
+    assert "| 10000 | 200 | – | 0.1 | 10 | 0.5 | – | – |" in text
+    assert "| 20000 | 3000 | – | 0.2 | 20 | 0.5 |" in text
+    seed2 = text.split("seed 2")[1]
+    assert "| 10000 | 200 | – | – | 10 | 0.5 | – | – |" in seed2 and "| 15000" not in text
