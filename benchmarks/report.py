@@ -396,7 +396,7 @@ def diagnostics_report(runs: list[dict]) -> str:
                   f"`{r['path'].name}`", "", "| steps | " + " | ".join(DIAGNOSTICS.values()) + " |",
                   "|---" * (len(DIAGNOSTICS) + 1) + "|"]
         for step, _ in r["curve"]:
-            cells = [("–" if step not in d.get(tag, {}) else f"{d[tag][step]:.0f}" if abs(d[tag][step]) >= 100
+            cells = [("–" if step not in d.get(tag, {}) else f"{d[tag][step]:.0f}" if 100 <= abs(d[tag][step]) < 1e5
                       else f"{d[tag][step]:.3g}") for tag in DIAGNOSTICS]
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
         lines.append("")
