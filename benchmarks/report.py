@@ -403,9 +403,10 @@ def diagnostics_report(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(prefix: str) -> str:
-    """The whole report as markdown; image paths start with prefix."""
-    runs = collect_runs(RESULTS / "runs")
+def report(prefix: str, runs: list[dict] | None = None) -> str:
+    """The whole report as markdown, of runs (by default, those in results/runs); image paths start
+    with prefix."""
+    runs = collect_runs(RESULTS / "runs") if runs is None else runs
     paper = paper_numbers()
     markers = [json.loads(p.read_text()) for p in sorted((RESULTS / "done").glob("*.json"))]
     lines = []
@@ -445,16 +446,17 @@ def main() -> None:
     a = parser.parse_args()
     if not (RESULTS / "runs").is_dir() and not (RESULTS / "bitflip").is_dir():
         raise SystemExit(f"error: no results in {RESULTS}; run benchmarks/run.py first")
-    (RESULTS / "REPORT.md").write_text("# Benchmark report\n\n" + report("") + "\n")
+    runs = collect_runs(RESULTS / "runs")  # read once: reading every log takes most of the time
+    (RESULTS / "REPORT.md").write_text("# Benchmark report\n\n" + report("", runs) + "\n")
     print(f"wrote {RESULTS / 'REPORT.md'}")
-    (RESULTS / "DIAGNOSTICS.md").write_text(diagnostics_report(collect_runs(RESULTS / "runs")) + "\n")
+    (RESULTS / "DIAGNOSTICS.md").write_text(diagnostics_report(runs) + "\n")
     print(f"wrote {RESULTS / 'DIAGNOSTICS.md'}")
     if a.readme:
         text = a.readme.read_text()
         if START not in text or END not in text:
             raise SystemExit(f"error: {a.readme} has no {START} ... {END} block to replace")
         head, rest = text.split(START, 1)
-        body = report(str((RESULTS).relative_to(a.readme.resolve().parent)) + "/")
+        body = report(str((RESULTS).relative_to(a.readme.resolve().parent)) + "/", runs)
         a.readme.write_text(head + START + "\n" + body + "\n" + END + rest.split(END, 1)[1])
         print(f"updated {a.readme}")
 
