@@ -46,16 +46,18 @@ def main() -> None:
     a = parser.parse_args()
     ckpt = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
     args = qwr.Args(**{k: v for k, v in ckpt["args"].items() if k in qwr.Args.__dataclass_fields__})
-    env = gym.make(a.env_id)
-    learner = qwr.make_learner(args, env.observation_space.shape[0], env.action_space, torch.device("cpu"), 1)
-    for k in ("actor", "critic", "obs_norm"):
-        getattr(learner, k).load_state_dict(ckpt[k])
+    env = gym.make(a.env_id, **args.env_kwargs)
+    obs_dim, space = env.observation_space.shape[0], env.action_space
+    actor, obs_norm = qwr.Actor(obs_dim, space.shape[0]), qwr.ObsNormalizer(obs_dim, 0)
+    critic = qwr.QNetwork(obs_dim, torch.as_tensor(space.low), torch.as_tensor(space.high), args)
+    for net, k in ((actor, "actor"), (critic, "critic"), (obs_norm, "obs_norm")):
+        net.load_state_dict(ckpt[k])
     rng = np.random.default_rng(a.seed)
     torch.manual_seed(a.seed)
     low, high = env.action_space.low, env.action_space.high
 
     def policy(obs: np.ndarray) -> np.ndarray:
-        mean = learner.actor(learner.obs_norm(torch.as_tensor(obs, dtype=torch.float32))).numpy()
+        mean = actor(obs_norm(torch.as_tensor(obs, dtype=torch.float32))).numpy()
         return mean + args.action_std * rng.standard_normal(mean.shape)
 
     # States met by the policy: from resets, a random number of steps in.
@@ -72,7 +74,7 @@ def main() -> None:
     rhos, mc_spread, mc_noise, q_spread, q_mean = [], [], [], [], []
     for obs, qpos, qvel in states:
         actions = policy(np.repeat(obs[None], args.n_samples, 0))  # k samples of mu(.|s)
-        q = learner.critic(learner.obs_norm(torch.as_tensor(obs, dtype=torch.float32)),
+        q = critic(obs_norm(torch.as_tensor(obs, dtype=torch.float32)),
                            torch.as_tensor(actions, dtype=torch.float32)).numpy()
         returns = np.zeros((args.n_samples, a.repeats))
         for j, action in enumerate(actions):

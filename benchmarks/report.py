@@ -58,10 +58,15 @@ def method_of(hp: dict) -> str:
         backup = {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
         trax = (hp.get("critic_lr"), hp.get("target_update_every"), hp.get("buffer_size")) == ("0.001", "50", "100000")
         clip = float(hp.get("obs_clip", 0))
-        return (f"QWR-{backup}" + (" (Trax config)" if trax else "") + (f" (obs clip {clip:g})" if clip > 0 else "")
-                + (" (critic clips actions)" if hp.get("critic_clips_actions") == "True" else "")
-                + (" (bf16 matmuls)" if hp.get("bf16_matmuls") == "True" else "")
-                + (" offline" if offline_dataset(hp) else ""))
+        # Who clips the action, the gradient clip, the critic head's init (logs older than these flags: env, 0, 0).
+        system = (hp.get("clip_actions", "both" if hp.get("critic_clips_actions") == "True" else "env"),
+                  float(hp.get("max_grad_norm", 0)), float(hp.get("critic_head_init", 0)))
+        parts = [SYSTEMS.get(system, "clip actions {}, grad norm {:g}, head init {:g}".format(*system)),
+                 "Trax config" if trax else "", f"obs clip {clip:g}" if clip > 0 else "",
+                 "no cfrc_ext" if "'include_cfrc_ext_in_observation': False" in hp.get("env_kwargs", "") else "",
+                 "bf16 matmuls" if hp.get("bf16_matmuls") == "True" else ""]
+        suffix = ", ".join(p for p in parts if p)
+        return f"QWR-{backup}" + (f" ({suffix})" if suffix else "") + (" offline" if offline_dataset(hp) else "")
     if script == "iq_continuous":
         munchausen = float(hp.get("alpha", 0)) > 0
         if hp.get("residual") == "True":
@@ -78,9 +83,14 @@ def method_of(hp: dict) -> str:
     return {"awr_continuous": "AWR"}.get(script, script)
 
 
+# The settings of qwr_continuous.py's critic and env named in a method: (clip_actions, max_grad_norm,
+# critic_head_init) -> name; the defaults have none.
+SYSTEMS = {("env", 0.0, 0.0): "", ("both", 0.0, 0.0): "critic clips actions", ("none", 50.0, 0.01): "authors' system"}
+
+
 def offline_dataset(hp: dict) -> str | None:
-    """The Minari dataset an offline run of qwr_continuous.py learned from, if any."""
-    dataset = hp.get("offline_dataset_id")
+    """The Minari dataset an offline QWR run learned from (qwr_offline.py, or qwr_continuous.py's old offline mode)."""
+    dataset = hp.get("dataset_id") if hp.get("exp_name") == "qwr_offline" else hp.get("offline_dataset_id")
     return dataset if dataset and dataset != "None" else None
 
 
@@ -116,7 +126,8 @@ def read_run(path: Path) -> dict | None:
     total = int(hp.get("total_timesteps") or hp.get("num_updates") or 0)
     if offline_dataset(hp):
         per_iteration = int(hp.get("critic_steps", 1))
-        curve, total = [(s * per_iteration, v) for s, v in curve], int(hp["offline_iterations"]) * per_iteration
+        iterations = int(hp.get("iterations") or hp["offline_iterations"])
+        curve, total = [(s * per_iteration, v) for s, v in curve], iterations * per_iteration
         q_curve = [(s * per_iteration, v) for s, v in q_curve]
     final = {tag: ea.Scalars(tag)[-1].value for tag in ("charts/normalized_score", "charts/dataset_return",
                                                          "charts/eval_return_sampled", "charts/behavior_return",

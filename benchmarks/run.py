@@ -39,9 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # report.py, beside this file
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = Path(os.environ.get("RL_BENCHMARKS_WORK") or Path.home() / ".cache" / "rl-benchmarks")
-# Scripts that checkpoint with --save-model (and when stopped by a signal) to runs/<run>/<script>.pt, and resume
-# from it with --checkpoint-path in the same run directory.
+# Scripts that checkpoint with --save-model to runs/<run>/<script>.pt, and resume from it with --checkpoint-path
+# in the same run directory.
 RESUMABLE = {"qwr_continuous.py", "qwr_atari.py", "awr_continuous.py", "iq_continuous.py", "emaq_offline.py"}
+# Scripts with --compile (the rest compile by default or not at all).
+COMPILABLE = RESUMABLE | {"qwr_offline.py"}
 
 MUJOCO = ["HalfCheetah-v4", "Walker2d-v4", "Hopper-v4", "Humanoid-v4"]
 ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v4",
@@ -55,6 +57,9 @@ DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # see R
 DATASETS_N = ["local/pendulum/qwr-medium-v0", "local/pendulum/qwr-replay-v0"]
 EMAQ_N = ["--num-q", "4", "--q-hidden", "64", "--mu-embed", "64", "--mu-hidden", "64", "--batch-size", "100",
           "--mu-steps", "5000", "--num-updates", "60000", "--eval-every", "5000", "--no-download"]
+# The authors' whole system (Trax code, issue: the README's command reproduces Table 1): the env gets the sampled
+# action unclipped, gradient norms clipped at 50, the critic's last layer starts at U(+-0.01).
+AUTHORS = ["--clip-actions", "none", "--max-grad-norm", "50", "--critic-head-init", "0.01"]
 # The authors' later Trax configuration of QWR (critic lr 1e-3, target synced every 50 critic steps, 100K buffer).
 QWR_TRAX = ["--backup", "lse", "--critic-lr", "1e-3", "--target-update-every", "50", "--buffer-size", "100000"]
 # EMaQ at Table 2's sizes needs a GPU (2.6 s per N = 10 update on one thread of this CPU); this fits a CPU.
@@ -82,14 +87,17 @@ GRIDS = {
     "qwr-table1": [  # QWR paper Table 1: MuJoCo at 100K samples
         ("QWR-LSE", "qwr_continuous.py", ["--backup", "lse"], MUJOCO),
         ("QWR-LSE (Trax config)", "qwr_continuous.py", QWR_TRAX, ["Hopper-v4"]),  # issue: the Hopper gap
+        ("QWR-LSE (authors' system)", "qwr_continuous.py", ["--backup", "lse", *AUTHORS], MUJOCO),
+        # Humanoid as gym's v2 on MuJoCo 2.0 saw it, with the contact forces cfrc_ext left out (they read 0 there).
+        ("QWR-LSE (authors' system, no cfrc_ext)", "qwr_continuous.py",
+         ["--backup", "lse", *AUTHORS, "--env-kwargs", "include_cfrc_ext_in_observation", "False"], ["Humanoid-v5"]),
+        ("QWR-LSE (authors' system, obs clip 10)", "qwr_continuous.py", ["--backup", "lse", *AUTHORS, "--obs-clip", "10"],
+         ["Humanoid-v4"]),
         # Humanoid-v4's contact forces normalise to hundreds of stds without a clip (README, Table 1).
         ("QWR-LSE (obs clip 10)", "qwr_continuous.py", ["--backup", "lse", "--obs-clip", "10"], ["Humanoid-v4"]),
         # Before a644921 the critic clipped its action input; Walker2d's seeds then scored higher (README, Table 1).
-        ("QWR-LSE (critic clips actions)", "qwr_continuous.py", ["--backup", "lse", "--critic-clips-actions"],
+        ("QWR-LSE (critic clips actions)", "qwr_continuous.py", ["--backup", "lse", "--clip-actions", "both"],
          ["Walker2d-v4"]),
-        # Matrix multiplies close to the authors' TPU's, 1.1-1.5x faster than eager float32 here (README, Speed):
-        # do the scores hold?
-        ("QWR-LSE (bf16 matmuls)", "qwr_continuous.py", ["--backup", "lse", "--bf16-matmuls"], ["Walker2d-v4"]),
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
         ("QWR-AVG", "qwr_continuous.py", ["--backup", "mean"], MUJOCO),
         ("AWR", "awr_continuous.py", [], MUJOCO),
@@ -106,12 +114,12 @@ GRIDS = {
     "emaq": [  # EMaQ (N = 10 and 50) and offline QWR on Minari datasets made by qwr_continuous.py
         ("EMaQ N=10", "emaq_offline.py", ["--n-samples", "10"], DATASETS),
         ("EMaQ N=50", "emaq_offline.py", ["--n-samples", "50"], DATASETS),
-        ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS),
+        ("QWR-LSE offline", "qwr_offline.py", [], DATASETS),
     ],
     "emaq-cpu": [  # the same with small networks and 1000 updates: what 2 CPU cores fit beside other runs
         *((f"EMaQ N={n} (Q 256, mu 256 units, 1000 updates)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_CPU],
            DATASETS[1:]) for n in (10, 50)),
-        ("QWR-LSE offline", "qwr_continuous.py", [], DATASETS[1:]),
+        ("QWR-LSE offline", "qwr_offline.py", [], DATASETS[1:]),
     ],
     "emaq-d4rl": [  # EMaQ paper Fig. 1-2 (MuJoCo) and Table 1 on Minari's D4RL datasets
         *((f"EMaQ N={n}", "emaq_offline.py", ["--n-samples", str(n)], EMAQ_MUJOCO)
@@ -122,7 +130,7 @@ GRIDS = {
     "emaq-n": [  # EMaQ at N = 1 (mu itself), 5, 10 and 50, with offline QWR, on two datasets of different quality
         *((f"EMaQ N={n} (K 4, Q 64, mu 64 units, 60000 updates)", "emaq_offline.py", ["--n-samples", str(n), *EMAQ_N],
            DATASETS_N) for n in (1, 5, 10, 50)),
-        ("QWR-LSE offline", "qwr_continuous.py", ["--no-download"], DATASETS_N),
+        ("QWR-LSE offline", "qwr_offline.py", ["--no-download"], DATASETS_N),
     ],
     "iq": [  # IQ vs M-IQ vs the Gaussian-policy ablation (Fig. 2), at a 100K-step budget
         ("M-IQ", "iq_continuous.py", IQ_100K, ["HalfCheetah-v4", "Walker2d-v4"]),
@@ -160,8 +168,7 @@ def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
             for seed in seeds:
                 if methods and method not in methods:
                     continue
-                env_flag = ("--dataset-id" if script == "emaq_offline.py" else
-                            "--offline-dataset-id" if grid.startswith("emaq") else "--env-id")
+                env_flag = "--dataset-id" if script in ("emaq_offline.py", "qwr_offline.py") else "--env-id"
                 runs.append(dict(key=f"{grid}__{method}__{env.replace('/', '-')}__{seed}", script=script,
                                  args=[env_flag, env, "--seed", str(seed), *flags], method=method, env=env))
     return runs
@@ -187,6 +194,8 @@ def launch(run: dict, threads: int) -> tuple[str, Optional[int], float]:
     checkpoints = sorted(work.glob("runs/*/*.pt"))
     if run["script"] == "bitflip.py":
         args += ["--workers", str(threads)]  # its sweep's processes, one thread each
+    if run["script"] in COMPILABLE:
+        args.append("--compile")  # (compiled updates: the same numbers to rounding, faster)
     if run["script"] in RESUMABLE:
         args.append("--save-model")
         if checkpoints:

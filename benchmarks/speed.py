@@ -82,38 +82,34 @@ def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     import qwr_continuous as qwr
 
     args = qwr.Args(env_id="Walker2d-v4")
-    envs = qwr.make_vec_env(args.env_id, 1)
-    obs_dim = envs.single_observation_space.shape[0]
-    learner = qwr.make_learner(args, obs_dim, envs.single_action_space, device, args.obs_norm_sample_limit)
-    buffer = qwr.ReplayBuffer(args.buffer_size, 1, obs_dim, envs.single_action_space.shape[0], device)
+    envs = qwr.make_vec_env(args, 1)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    actor, norm = qwr.Actor(obs_dim, act_dim).to(device), qwr.ObsNormalizer(obs_dim, 300_000).to(device)
+    critic = qwr.QNetwork(obs_dim, -torch.ones(act_dim, device=device), torch.ones(act_dim, device=device), args)
+    critic.to(device)
+    target = qwr.copy.deepcopy(critic)
+    actor_opt, critic_opt = (torch.optim.Adam(n.parameters(), lr=1e-4, eps=1e-5) for n in (actor, critic))
+    buffer = qwr.ReplayBuffer(args.buffer_size, 1, obs_dim, act_dim, device)
     obs, _ = envs.reset(seed=0)
     collect_seconds = []
     for _ in range(5):  # a replay buffer of real steps, and the time collection takes
         start = time.perf_counter()
-        rollout, obs, _ = qwr.collect(envs, obs, args.steps_per_iteration, learner.actor, learner.obs_norm,
-                                      args.action_std, device)
+        rollout, obs, _ = qwr.collect(envs, obs, args.steps_per_iteration, actor, norm, args.action_std, device)
         collect_seconds.append(time.perf_counter() - start)
-        learner.obs_norm.update(rollout["obs"])
+        norm.update(rollout["obs"])
         buffer.add(rollout)
     envs.close()
 
-    # The same learner with --bf16-matmuls, compiled (the hidden layers multiply in bfloat16).
-    bf16 = qwr.make_learner(replace(args, bf16_matmuls=True), obs_dim, envs.single_action_space, device,
-                            args.obs_norm_sample_limit)
-    for k in qwr.Learner.SAVED:
-        getattr(bf16, k).load_state_dict(getattr(learner, k).state_dict())
+    def updates(fns, n: int) -> None:  # n critic and n actor steps, as train's loop takes them
+        for _ in range(n):
+            fns[0](args, buffer.sample(args.batch_size, args.target_horizon), critic, target, critic_opt, norm)
+            fns[1](args, buffer.sample(args.batch_size, 1), actor, critic, actor_opt, norm)
 
-    def updates(fns, n: int) -> None:  # n critic and n actor steps, of fns[2] if given, else of learner
-        short, lr = replace(args, critic_steps=n, actor_steps=n), fns[2] if len(fns) > 2 else learner
-        qwr.train_critic(short, buffer, lr.critic, lr.target, lr.critic_opt, lr.obs_norm, fns[0])
-        qwr.train_actor(short, buffer, lr.actor, lr.critic, lr.actor_opt, lr.obs_norm, fns[1])
+    def compile_fns(fns):  # as --compile does
+        torch._inductor.config.fallback_random = True
+        return tuple(torch.compile(f) for f in fns)
 
-    # A step: a critic and an actor step.
-    def compile_fns(fns):
-        return tuple(qwr.compiled(f, args, device) for f in fns)
-
-    step_fns = (qwr.critic_step, qwr.actor_step)
-    m = measure(updates, step_fns, compile_fns, device, rounds, steps, more={"bf16": (*compile_fns(step_fns), bf16)})
+    m = measure(updates, (qwr.critic_step, qwr.actor_step), compile_fns, device, rounds, steps)
     collect = statistics.median(collect_seconds)
     return dict(script="qwr_continuous.py", task="Walker2d-v4", updates_per_step=2, **m,
                 iteration={mode: collect + args.critic_steps * s for mode, s in m["step"].items()})
@@ -270,16 +266,17 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
     lines = [f"Measured {datetime.date.today().isoformat()} on {machine(device)}, torch {torch.__version__}; "
              f"the machine's limit: {limit / 1e9:.0f} GFLOP/s (2048 x 2048 float32 matrix multiply).", "",
              "| script | task | device | s / iteration, eager | s / iteration, compiled | speed-up | "
-             "compiled, --bf16-matmuls: s / iteration, speed-up | "
+             "other modes, compiled: s / iteration, speed-up | "
              "updates / s, compiled | GFLOP / update | share of the limit, eager / compiled | compile time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         share = {m: r["flops"] / s / limit for m, s in r["step"].items()}
         it = r["iteration"]
-        bf16 = f"{it['bf16']:.1f}, {it['eager'] / it['bf16']:.2f}x" if "bf16" in it else "–"
+        others = "; ".join(f"{m}: {s:.1f}, {it['eager'] / s:.2f}x" for m, s in it.items()
+                           if m not in ("eager", "compiled")) or "–"
         lines.append(
             f"| {r['script']} | {r['task']} | {device.type} | {it['eager']:.1f} | "
-            f"{it['compiled']:.1f} | {it['eager'] / it['compiled']:.2f}x | {bf16} | "
+            f"{it['compiled']:.1f} | {it['eager'] / it['compiled']:.2f}x | {others} | "
             f"{r['updates_per_step'] / r['step']['compiled']:.0f} | {r['flops'] / r['updates_per_step'] / 1e9:.2f} | "
             f"{share['eager']:.0%} / {share['compiled']:.0%} | "
             f"{r['compile_seconds']:.0f} s |")
@@ -289,12 +286,8 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
               "update; for awr_continuous.py 2048 environment steps, the buffer's returns twice, 200 critic and "
               "1000 actor steps (at the mean time of a critic and an actor step); for qwr_atari.py 1000 "
               "interactions, then 1000 critic and 1000 actor steps; for emaq_offline.py 1000 Q updates (batch 256 at "
-              "Table 2's sizes, 100 at the emaq-n grid's). Speed-ups are over eager. Compiled: the scripts' "
-              "`compiled()`, torch.compile's "
-              + ("reduce-overhead mode (CUDA graphs, the default --cudagraphs)." if device.type == "cuda" else
-                 "default mode (on a CPU there are no CUDA graphs).") + " --bf16-matmuls: the hidden layers' "
-              "matrix multiplies in bfloat16 (qwr_continuous.py only; it changes the numbers), its iteration "
-              "counting the collection time measured with float32 networks."]
+              "Table 2's sizes, 100 at the emaq-n grid's). Speed-ups are over eager. Compiled: --compile, "
+              "torch.compile's default mode (qwr_atari.py's other modes: below its table)."]
     return "\n".join(lines)
 
 

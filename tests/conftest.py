@@ -1,10 +1,16 @@
 """Shared fixtures: a tiny Minari dataset that the offline scripts' tests read; the cuda marker:
 CUDA checks run where a GPU is present and are skipped, saying so, where not."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import qwr_continuous
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import datasets  # noqa: E402  (benchmarks/datasets.py)
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +21,9 @@ def tiny_dataset(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINARI_DATASETS_PATH", str(root / "datasets"))
         mp.chdir(root)
-        qwr_continuous.train(qwr_continuous.Args(
+        datasets.replay("mujoco/hopper/local-v0", qwr_continuous.Args(
             env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=2, actor_steps=2,
-            batch_size=32, eval_episodes=0, cuda=False, compile=False, save_dataset="mujoco/hopper/local-v0"))
+            batch_size=32, eval_episodes=0, cuda=False, compile=False))
     return str(root / "datasets"), "mujoco/hopper/local-v0"
 
 

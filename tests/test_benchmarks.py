@@ -6,8 +6,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import tyro
 from torch.utils.tensorboard import SummaryWriter
 
+import qwr_continuous
 from benchmarks import report, run
 
 
@@ -29,15 +31,22 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
         "qwr-table1__QWR-LSE__Hopper-v4__1", "qwr-table1__QWR-LSE__Hopper-v4__2",
         "qwr-table1__AWR__Hopper-v4__1", "qwr-table1__AWR__Hopper-v4__2"]
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
-    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 5 + 5 + 5 + 5  # methods x
-    # envs x seeds, the Trax configuration on Hopper, clipped observations on Humanoid, the clipping critic and
-    # bfloat16 matrix multiplies on Walker2d
+    # methods x envs x seeds; the authors' system on every env; the Trax configuration on Hopper, the authors' system
+    # with each observation of Humanoid, clipped observations on Humanoid, the clipping critic on Walker2d
+    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 4 * 5 + 5 + 5 + 5 + 5 + 5
     clip = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (obs clip 10)"])
     assert [r["env"] for r in clip] == ["Humanoid-v4"] and clip[0]["args"][-4:] == ["--backup", "lse", "--obs-clip", "10"]
     clipping = run.runs_of("qwr-table1", [3], None, ["QWR-LSE (critic clips actions)"])
-    assert [r["env"] for r in clipping] == ["Walker2d-v4"] and clipping[0]["args"][-1] == "--critic-clips-actions"
-    bf16 = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (bf16 matmuls)"])
-    assert [r["env"] for r in bf16] == ["Walker2d-v4"] and bf16[0]["args"][-1] == "--bf16-matmuls"
+    assert [r["env"] for r in clipping] == ["Walker2d-v4"] and clipping[0]["args"][-2:] == ["--clip-actions", "both"]
+    authors = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (authors' system, no cfrc_ext)"])
+    assert [r["env"] for r in authors] == ["Humanoid-v5"] and authors[0]["args"][-3:] == [
+        "--env-kwargs", "include_cfrc_ext_in_observation", "False"]
+    # The report names each run as the grid does, from the hyper-parameters the script logs.
+    for method in ("QWR-LSE (authors' system, no cfrc_ext)", "QWR-LSE (critic clips actions)", "QWR-LSE",
+                   "QWR-LSE (authors' system)", "QWR-LSE (authors' system, obs clip 10)"):
+        flags = run.runs_of("qwr-table1", [1], None, [method])[0]["args"]
+        hp = {k: str(v) for k, v in asdict(tyro.cli(qwr_continuous.Args, args=flags)).items()}
+        assert report.method_of(hp) == method
     assert run.runs_of("qwr-table3", [1], ["Walker2d-v4"], ["QWR-LSE"])[0]["args"][4:] == run.QWR_1M
 
 
@@ -86,11 +95,11 @@ def test_the_emaq_d4rl_grid_runs_table_1_at_table_3s_sizes_and_the_report_finds_
 
 def test_the_emaq_n_grid_names_its_runs_as_the_report_does():
     import emaq_offline
-    import qwr_continuous
+    import qwr_offline
 
     for r in run.runs_of("emaq-n", [1], None, None):
         # What the run logs: its script's defaults, and the grid's flags (each "--flag value", or "--no-flag").
-        module = {"emaq_offline.py": emaq_offline, "qwr_continuous.py": qwr_continuous}[r["script"]]
+        module = {"emaq_offline.py": emaq_offline, "qwr_offline.py": qwr_offline}[r["script"]]
         hp = {k: str(v) for k, v in asdict(module.Args()).items()}
         args = r["args"]
         for i, a in enumerate(args):
@@ -126,9 +135,12 @@ def test_paper_numbers_are_the_tables():
         paper[("qwr-table1", "QWR-LSE", "Ant-v4")]
 
 
-def test_offline_runs_are_named_by_their_dataset_counted_in_updates_and_compared_with_it(tmp_path, monkeypatch):
-    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000, seed=1,
-              offline_dataset_id="local/hopper/x-v0", offline_iterations=30, critic_steps=1000)
+@pytest.mark.parametrize("hp", [
+    dict(exp_name="qwr_offline", backup="lse", seed=1, dataset_id="local/hopper/x-v0", iterations=30, critic_steps=1000),
+    # (logged by qwr_continuous.py's offline mode, before qwr_offline.py)
+    dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000, seed=1,
+         offline_dataset_id="local/hopper/x-v0", offline_iterations=30, critic_steps=1000)])
+def test_offline_runs_are_named_by_their_dataset_counted_in_updates_and_compared_with_it(hp, tmp_path, monkeypatch):
     fake_run(tmp_path / "runs", "a", hp, [(10, 400.0), (30, 500.0)], dataset_return=443.8, normalized_score=16.0)
     emaq = dict(exp_name="emaq_offline", dataset_id="local/hopper/x-v0", n_samples=10, q_hidden=256, mu_embed=256,
                 num_updates=1000, seed=1)
@@ -218,7 +230,7 @@ def test_speed_table_gives_the_speed_up_and_the_share_of_the_machine():
     text = speed.table([r, b], limit=400e9, device=torch.device("cpu"))
     # 1e9 FLOP / 0.010 s = 100 GFLOP/s = 25% of 400; compiled 50%. 2 updates per 5 ms = 400 per second.
     assert "| x.py | T | cpu | 11.0 | 6.0 | 1.83x | – | 400 | 0.50 | 25% / 50% | 7 s |" in text
-    assert "| y.py | T | cpu | 11.0 | 6.0 | 1.83x | 5.0, 2.20x | 400 | 0.50 | 25% / 50% | 7 s |" in text
+    assert "| y.py | T | cpu | 11.0 | 6.0 | 1.83x | bf16: 5.0, 2.20x | 400 | 0.50 | 25% / 50% | 7 s |" in text
     assert speed.matmul_limit(torch.device("cpu"), n=64, repeats=1) > 0
 
 
@@ -288,3 +300,41 @@ def test_diagnostics_show_each_evaluations_iteration_and_not_the_at_bound_fracti
     assert "| 20000 | 3000 | – | 0.2 | 20 | 0.5 |" in text
     seed2 = text.split("seed 2")[1]
     assert "| 10000 | 200 | – | – | 10 | 0.5 | – | – |" in seed2 and "| 15000" not in text
+
+
+def test_a_run_killed_inside_an_iteration_resumes_from_its_checkpoint_and_logs_each_step_once(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for sub in ("runs", "logs", "done"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr(run, "WORK", tmp_path / "work")
+    started, real_popen = [], subprocess.Popen
+    monkeypatch.setattr(run.subprocess, "Popen", lambda *a, **kw: started.append(real_popen(*a, **kw)) or started[-1])
+    flags = ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--steps-per-iteration", "100", "--critic-steps", "150",
+             "--actor-steps", "150", "--batch-size", "32", "--buffer-size", "1000", "--eval-every", "2",
+             "--eval-episodes", "1", "--no-cuda"]
+    r = dict(key="tiny__QWR-LSE__Hopper-v4__1", script="qwr_continuous.py", args=flags)
+    log = tmp_path / "work" / r["key"] / "stdout.log"
+    first = threading.Thread(target=run.launch, args=(r, 1))
+    first.start()
+    while not (log.is_file() and "iter 2/" in log.read_text()):  # its checkpoint after iteration 2 is written
+        assert first.is_alive(), log.read_text()
+        time.sleep(0.05)
+    time.sleep(0.3)  # into iteration 3
+    started[0].send_signal(signal.SIGKILL)
+    first.join()
+    assert not (tmp_path / "done" / f"{r['key']}.json").exists()
+    key, rc, _ = run.launch(r, 1)  # the grid run again: it resumes from the checkpoint
+    assert rc == 0 and "--checkpoint-path" in started[1].args
+    [run_dir] = list((tmp_path / "runs").iterdir())  # one log directory, that of the first start
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("charts/SPS")] == [100, 200, 300, 400]
+    assert [e.step for e in acc.Scalars("charts/eval_return")] == [200, 400]
+    assert json.loads((tmp_path / "done" / f"{r['key']}.json").read_text())["resumed"]

@@ -1,11 +1,7 @@
-"""Both offline scripts (emaq_offline.py, qwr_continuous.py offline) take a Minari
-dataset by id: from the local store, downloaded by Minari when missing (here with
-Minari's loader replaced, as this machine has no network), evaluated in the
-environment the dataset describes, with Dict observations flattened the way the
-evaluation env flattens them."""
-
-import dataclasses
-import math
+"""emaq_offline.py takes a Minari dataset by id: from the local store, downloaded by Minari when
+missing (here with Minari's loader replaced, as this machine has no network), evaluated in the
+environment the dataset describes, with Dict observations flattened the way the evaluation env
+flattens them (qwr_offline.py: test_qwr_datasets.py)."""
 
 import gymnasium as gym
 import minari
@@ -13,19 +9,16 @@ import numpy as np
 import pytest
 
 import emaq_offline as emaq
-import qwr_continuous as qwr
 
 STANDARD = "mujoco/hopper/medium-v0"  # a standard id that is not in the local store
 
 
 def load(script, dataset_id: str, download: bool):
     """The script's own loading path, as its training starts it."""
-    if script is emaq:
-        return emaq.load_transitions(dataset_id, download, "cpu")
-    return qwr.load_dataset(dataset_id, download, 0.4, "cpu")
+    return emaq.load_transitions(dataset_id, download, "cpu")
 
 
-@pytest.mark.parametrize("script", [emaq, qwr], ids=["emaq", "qwr"])
+@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
 def test_a_missing_dataset_is_downloaded_by_minari_unless_no_download(script, tiny_dataset, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
     real_loader, calls = minari.load_dataset, []
@@ -49,7 +42,7 @@ class ConnectError(Exception):
     """Like httpx's ConnectError (what Minari's client raises without a network): not an OSError."""
 
 
-@pytest.mark.parametrize("script", [emaq, qwr], ids=["emaq", "qwr"])
+@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
 def test_no_network_is_one_line_naming_the_id_the_download_command_and_a_local_dataset(script, tiny_dataset,
                                                                                         monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
@@ -68,7 +61,7 @@ def test_no_network_is_one_line_naming_the_id_the_download_command_and_a_local_d
     assert f"local datasets: {tiny_dataset[1]}" in message
 
 
-@pytest.mark.parametrize("script", [emaq, qwr], ids=["emaq", "qwr"])
+@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
 def test_evaluation_uses_the_datasets_evaluation_env_and_names_a_missing_package(script):
     class Dataset:
         def __init__(self, error=None):
@@ -88,7 +81,7 @@ def test_evaluation_uses_the_datasets_evaluation_env_and_names_a_missing_package
         script.eval_env_spec(Dataset(missing), "D4RL/kitchen/complete-v2")
 
 
-@pytest.mark.parametrize("script", [emaq, qwr], ids=["emaq", "qwr"])
+@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
 def test_dict_observations_flatten_in_the_order_the_evaluation_env_flattens_them(script):
     box = lambda n: gym.spaces.Box(-np.inf, np.inf, (n,), np.float32)  # noqa: E731
     # Kitchen/antmaze-like: nested, and the space's order is not the alphabetical one.
@@ -104,16 +97,7 @@ def test_dict_observations_flatten_in_the_order_the_evaluation_env_flattens_them
     np.testing.assert_array_equal(script.flat_obs(space, batch), expected)
 
 
-def test_a_local_dataset_under_a_standard_namespace_trains_and_evaluates_offline(tiny_dataset, tmp_path,
-                                                                                 monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])  # mujoco/hopper/local-v0 (conftest.py)
-    monkeypatch.chdir(tmp_path)
-    m = qwr.train_offline(qwr.Args(offline_dataset_id=tiny_dataset[1], offline_iterations=1, critic_steps=2,
-                                   actor_steps=2, batch_size=16, eval_episodes=1, cuda=False, compile=False))
-    assert "Hopper-v4" in m["run_name"] and math.isfinite(m["eval_return"]) and math.isfinite(m["normalized_score"])
-
-
-@pytest.mark.parametrize("script", [emaq, qwr], ids=["emaq", "qwr"])
+@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
 def test_a_broken_local_dataset_is_not_reported_as_a_network_error(script, monkeypatch):
     def broken_loader(dataset_id, download=False):
         raise KeyError("dataset_id")  # e.g. metadata without the key Minari reads
@@ -121,20 +105,3 @@ def test_a_broken_local_dataset_is_not_reported_as_a_network_error(script, monke
     monkeypatch.setattr(minari, "load_dataset", broken_loader)
     with pytest.raises(KeyError):
         load(script, STANDARD, True)
-
-
-def test_eval_only_of_an_offline_checkpoint_evaluates_in_the_datasets_evaluation_env(tiny_dataset, tmp_path,
-                                                                                     monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
-    monkeypatch.chdir(tmp_path)
-    # The dataset's evaluation env: Hopper-v4 with an argument that its id alone would not give.
-    spec = gym.spec("Hopper-v4")
-    spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "terminate_when_unhealthy": False})
-    monkeypatch.setattr(qwr, "eval_env_spec", lambda dataset, dataset_id: spec)
-    args = qwr.Args(offline_dataset_id=tiny_dataset[1], offline_iterations=1, critic_steps=2, actor_steps=2,
-                    batch_size=16, eval_episodes=1, save_model=True, cuda=False, compile=False)
-    m = qwr.train_offline(args)
-    real_evaluate, envs = qwr.evaluate, []
-    monkeypatch.setattr(qwr, "evaluate", lambda env, *a, **k: envs.append(env) or real_evaluate(env, *a, **k))
-    ev = qwr.train_offline(qwr.Args(**{**vars(args), "checkpoint_path": m["checkpoint"], "eval_only": True}))
-    assert envs == [spec] and len(ev["eval_returns"]) == 1  # one deterministic evaluation, nothing trained
