@@ -18,7 +18,6 @@ import datetime
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -193,10 +192,9 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
     import qwr_atari as qa
 
     args = qa.Args()
-    envs = qa.make_vec_env(args.env_id, 1, args.train_episode_steps, args.noop_max)
+    envs = qa.make_vec_env(args, 1)
     n_actions = envs.single_action_space.n
-    actor = qa.Actor(n_actions, args.torso).to(device)
-    critic = qa.QNetwork(n_actions, args.torso, 1 / (1 - args.gamma), args.critic_head).to(device)
+    actor, critic = qa.Actor(n_actions, args.torso).to(device), qa.QNetwork(n_actions, args).to(device)
     target = qa.copy.deepcopy(critic).requires_grad_(False)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
@@ -210,14 +208,17 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
         collect_seconds.append(time.perf_counter() - start)
     envs.close()
 
-    def updates(fns, n: int) -> None:
-        short = replace(args, critic_steps=n, actor_steps=n)
-        qa.train_critic(short, buffer, critic, target, critic_opt, fns[0])
-        qa.train_actor(short, buffer, actor, critic, actor_opt, fns[1])
+    def updates(fns, n: int) -> None:  # n critic and n actor steps, as train's loop takes them
+        for _ in range(n):
+            fns[0](args, buffer.sample(args.batch_size, args.target_horizon), critic, target, critic_opt)
+            fns[1](args, buffer.sample(args.batch_size, 1), actor, critic, actor_opt)
+
+    def compile_fns(fns):  # as --compile does
+        torch._inductor.config.fallback_random = True
+        return tuple(torch.compile(f) for f in fns)
 
     # A step: a critic and an actor step.
-    m = measure(updates, (qa.critic_step, qa.actor_step),
-                lambda fns: tuple(qa.compiled(f, args, device) for f in fns), device, rounds, max(1, steps // 10))
+    m = measure(updates, (qa.critic_step, qa.actor_step), compile_fns, device, rounds, max(1, steps // 10))
     return dict(script="qwr_atari.py", task="Breakout", updates_per_step=2, **m,
                 iteration={mode: statistics.median(collect_seconds) + args.critic_steps * s
                            for mode, s in m["step"].items()})

@@ -46,7 +46,7 @@ RUNS = {
            ("loss", "eval_return")),
     "atari": (qwr_atari.train, dict(env_id="PongNoFrameskip-v4", total_timesteps=200, steps_per_iteration=100,
                                     critic_steps=8, actor_steps=8, batch_size=8, buffer_size=500, eval_every=2,
-                                    eval_episodes=1, eval_episode_steps=50, train_episode_steps=40, cuda=True),
+                                    eval_episodes=1, max_episode_steps=40, cuda=True),
               ("critic_loss", "actor_loss", "eval_return")),
     "emaq": (emaq_offline.train, dict(dataset_id=LOCAL, download=False, mu_steps=30, num_updates=20, eval_every=10,
                                       eval_episodes=1, n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16,
@@ -150,7 +150,7 @@ def test_compiled_and_eager_updates_give_the_same_losses_on_the_gpu(script, in_t
         assert fast[key] == pytest.approx(eager[key], rel=1e-3), key
 
 
-@pytest.mark.parametrize("module", [qwr_atari, awr_continuous, emaq_offline, iq_continuous], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [awr_continuous, emaq_offline, iq_continuous], ids=lambda m: m.__name__)
 def test_a_compiled_steps_result_survives_the_next_step(module):
     # On a GPU compiled() replays CUDA graphs, whose outputs the next replay overwrites: the
     # loss of one step must still be that step's when the next one has run.

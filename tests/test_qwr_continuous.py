@@ -332,3 +332,31 @@ def test_a_resumed_run_goes_on_from_its_last_iteration_in_the_same_log_with_each
     acc.Reload()
     steps = [e.step for e in acc.Scalars("losses/critic_loss")]
     assert steps == [100, 200, 300, 400] and 123.0 not in [e.value for e in acc.Scalars("losses/critic_loss")]
+
+
+def test_evaluation_acts_with_the_mean_of_the_normalised_observation_or_samples_around_it(monkeypatch):
+    actions, seen, real = [], [], qwr.make_vec_env
+
+    def recording(args, n, video_folder=None):  # the envs, keeping every action they are given
+        envs = real(args, n, video_folder)
+        step = envs.step
+        envs.step = lambda a: actions.append(np.array(a)) or step(a)
+        return envs
+
+    monkeypatch.setattr(qwr, "make_vec_env", recording)
+
+    class Half(torch.nn.Module):  # the mean action: half the first normalised observation, in every dimension
+        def forward(self, obs):
+            seen.append(obs.clone())
+            return 0.5 * obs[:, :1].expand(-1, 3)
+
+    args, norm = qwr.Args(env_id="Hopper-v4", eval_episodes=2), normalizer(1.0, 4.0)
+    qwr.evaluate(args, Half(), norm, "cpu")
+    deterministic = np.concatenate(actions)
+    inputs = torch.cat(seen)
+    assert torch.allclose(torch.as_tensor(deterministic), 0.5 * inputs[:, :1].expand(-1, 3))
+    assert inputs[0, 0].item() == pytest.approx((1.25 - 1) / 2, abs=0.01)  # Hopper starts at height ~1.25
+    actions[:], seen[:] = [], []
+    qwr.evaluate(args, Half(), norm, "cpu", action_std=0.4)
+    noise = np.concatenate(actions) - 0.5 * torch.cat(seen)[:, :1].numpy()
+    assert abs(noise.std() - 0.4) < 0.03 and abs(noise.mean()) < 0.03

@@ -43,7 +43,7 @@ def qwr_atari():
 
     return m.train, m.Args(env_id="PongNoFrameskip-v4", total_timesteps=300, steps_per_iteration=100, critic_steps=5,
                            actor_steps=5, batch_size=8, buffer_size=500, eval_every=1, eval_episodes=1,
-                           eval_episode_steps=50, train_episode_steps=40, cuda=False, compile=False)
+                           max_episode_steps=40, cuda=False, compile=False)
 
 
 def qwr_offline():
