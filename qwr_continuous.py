@@ -141,7 +141,6 @@ def advantage_weights(q: torch.Tensor, beta: float, max_weight: float) -> torch.
 
 # Environment, replay buffer, observation normaliser, networks
 def make_env(args: Args, video_folder: Optional[str] = None) -> gym.Env:
-    warnings.filterwarnings("ignore", message=".*is out of date")  # MuJoCo -v4, closest to the paper's gym v2
     env = gym.make(args.env_id, render_mode="rgb_array" if video_folder else None, **args.env_kwargs)
     if video_folder:
         env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
@@ -364,6 +363,7 @@ def actor_step(args: Args, b: dict, actor, critic, actor_opt, obs_norm) -> torch
 
 def train(args: Args) -> dict:
     """Online QWR (Algorithm 2); returns the final metrics."""
+    warnings.filterwarnings("ignore", message=".*is out of date")  # MuJoCo -v4, closest to the paper's gym v2
     action_space = check_env(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -379,8 +379,7 @@ def train(args: Args) -> dict:
     critic = QNetwork(obs_dim, low, high, args).to(device)
     target = copy.deepcopy(critic).requires_grad_(False)
     obs_norm = ObsNormalizer(obs_dim, args.obs_norm_sample_limit, args.obs_clip).to(device)
-    # eps=1e-5 is the default of the authors' (Trax) Adam.
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)  # eps: the authors' (Trax) Adam's
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     buffer = ReplayBuffer(args.buffer_size // args.num_envs, args.num_envs, obs_dim, act_dim, device)
     saved = dict(actor=actor, critic=critic, target=target, obs_norm=obs_norm, actor_opt=actor_opt, critic_opt=critic_opt)

@@ -3,6 +3,16 @@
     python benchmarks/run.py qwr-table1 --dry-run        # print the grid
     python benchmarks/run.py qwr-table1 --seeds 1 2 --envs Walker2d-v4 Hopper-v4
     python benchmarks/run.py bitflip
+    python benchmarks/run.py qwr-table1 --executor slurm --partition cpu --time 120   # one SLURM job per run
+
+With --executor slurm every run of the grid is a job of one SLURM job array, sent
+through submitit (pip install -r benchmarks/requirements.txt); --executor local
+runs them as submitit's local jobs. A job that SLURM preempts or times out is
+requeued and its run resumes from the script's last checkpoint; a run whose
+script is killed inside its job (the OOM killer, a lost process) is started
+again from there, up to --retries times. Jobs write into the same work and
+results directories as local runs, which must then be on a filesystem the
+cluster's nodes share; submitit's logs go to <work>/submitit.
 
 Every run works in a directory of its own outside git, $RL_BENCHMARKS_WORK/<run>
 (default ~/.cache/rl-benchmarks), where it keeps its TensorBoard log, its
@@ -177,10 +187,13 @@ def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
 STARTING = threading.Lock()
 
 
-def launch(run: dict, threads: int) -> tuple[str, Optional[int], float]:
+def launch(run: dict, threads: int, work_root: Optional[Path] = None, results: Optional[Path] = None
+           ) -> tuple[str, Optional[int], float]:
     """Run one benchmark to completion in its work directory, resuming it if it has a checkpoint;
     then copy its logs into benchmarks/results and write its marker. A run that another run.py
-    holds (its work directory's lock), or that has finished meanwhile, is skipped: rc None."""
+    holds (its work directory's lock), or that has finished meanwhile, is skipped: rc None.
+    work_root and results: WORK and RESULTS, unless given (a submitit job carries them)."""
+    WORK, RESULTS = work_root or globals()["WORK"], results or globals()["RESULTS"]  # noqa: N806
     work = WORK / run["key"]
     work.mkdir(parents=True, exist_ok=True)
     lock = open(work / "lock", "w")  # held until this process lets go of it (or dies)
@@ -211,6 +224,7 @@ def launch(run: dict, threads: int) -> tuple[str, Optional[int], float]:
         # directory (a resumed run has its directory already).
         with STARTING:
             process = subprocess.Popen(command, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+            (work / "pid").write_text(f"{process.pid}\n")  # the script's process, e.g. for `kill`
             while process.poll() is None and not any(work.glob("runs/*")):
                 time.sleep(0.2)
             time.sleep(1.1)
@@ -226,6 +240,44 @@ def launch(run: dict, threads: int) -> tuple[str, Optional[int], float]:
                       threads=threads, resumed=bool(checkpoints))
         (RESULTS / "done" / f"{run['key']}.json").write_text(json.dumps(marker, indent=1) + "\n")
     return run["key"], rc, wall
+
+
+class Job:
+    """One run of a grid as a submitit job. Its script resumes from its last checkpoint wherever the run
+    starts again: when SLURM preempts the job or its time runs out, submitit calls checkpoint() and
+    requeues the job; when the script dies of a signal inside the job, it is started again at once."""
+
+    def __init__(self, run: dict, threads: int, retries: int, work_root: Path, results: Path):
+        self.run, self.threads, self.retries, self.work_root, self.results = run, threads, retries, work_root, results
+
+    def __call__(self) -> tuple[str, Optional[int], float]:
+        for _ in range(1 + self.retries):
+            key, rc, wall = launch(self.run, self.threads, self.work_root, self.results)
+            if rc is None or rc >= 0:  # finished, failed by itself (an error to read), or done elsewhere
+                break
+            print(f"{key}: the script was killed (signal {-rc}); starting it again from its checkpoint", flush=True)
+        return key, rc, wall
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def submit(runs: list[dict], a: argparse.Namespace) -> list:
+    """Send the runs through submitit, as one job array; returns the jobs."""
+    try:
+        import submitit
+    except ImportError:
+        sys.exit(f"error: --executor {a.executor} needs submitit: pip install -r benchmarks/requirements.txt")
+    executor = submitit.AutoExecutor(folder=WORK / "submitit", cluster=a.executor)
+    executor.update_parameters(name="rl-benchmarks", timeout_min=a.time, cpus_per_task=a.cpus_per_run,
+                               gpus_per_node=a.gpus_per_run, slurm_partition=a.partition,
+                               slurm_array_parallelism=a.array_parallelism,
+                               slurm_additional_parameters=dict(requeue=True))
+    with executor.batch():
+        jobs = [executor.submit(Job(r, a.cpus_per_run, a.retries, WORK, RESULTS)) for r in runs]
+    return jobs
 
 
 def adopt(runs_dir: Path) -> None:
@@ -300,6 +352,16 @@ def main() -> None:
     parser.add_argument("--redo", nargs="+", metavar="RUN", help="set these finished runs (results/done/<RUN>.json) "
                         "aside, with --reason, so that their grid makes them again; run nothing")
     parser.add_argument("--reason", help="why --redo's runs are set aside (kept beside them)")
+    cluster = parser.add_argument_group("SLURM (--executor slurm) and submitit's local executor")
+    cluster.add_argument("--executor", choices=["processes", "slurm", "local"], default="processes",
+                         help="processes: run here, --jobs at once (default); slurm: one SLURM job per run; "
+                              "local: submitit's local jobs, all at once")
+    cluster.add_argument("--partition", help="SLURM partition")
+    cluster.add_argument("--time", type=int, default=240, help="minutes a job may run (a run resumes when requeued)")
+    cluster.add_argument("--cpus-per-run", type=int, default=1, help="CPUs per job, and torch threads per run")
+    cluster.add_argument("--gpus-per-run", type=int, default=0, help="GPUs per job")
+    cluster.add_argument("--array-parallelism", type=int, default=64, help="jobs of the array running at once")
+    cluster.add_argument("--retries", type=int, default=3, help="restarts of a script killed inside its job")
     a = parser.parse_args()
     if a.adopt:
         return adopt(a.adopt)
@@ -327,7 +389,20 @@ def main() -> None:
         print(f"{status:>14}  python {r['script']} {' '.join(r['args'])}{theirs}")
     print(f"{len(runs)} runs: {len(done)} done, {len(todo)} to run"
           + (f", {sum(r['script'] in missing for r in runs)} waiting for {', '.join(missing)}" if missing else ""))
+    if a.executor != "processes":
+        print(f"{'would submit' if a.dry_run else 'submitting'} {len(todo)} runs to {a.executor} as one job array: "
+              f"partition {a.partition or 'default'}, {a.time} min, {a.cpus_per_run} CPUs and {a.gpus_per_run} GPUs "
+              f"per run, at most {a.array_parallelism} at once; logs in {WORK / 'submitit'}")
     if a.dry_run or not todo:
+        return
+    if a.executor != "processes":
+        jobs = submit(todo, a)
+        print("submitted: " + ", ".join(j.job_id for j in jobs[:3]) + (" ..." if len(jobs) > 3 else "")
+              + "; run the same command with --dry-run to see which runs are done")
+        if a.executor == "local":  # submitit's local jobs end with this process: wait for them
+            failed = sum(j.result()[1] not in (0, None) for j in jobs)
+            if failed:
+                sys.exit(f"{failed} runs failed; see their logs in {RESULTS / 'logs'}")
         return
     jobs = max(1, min(a.jobs, len(todo)))
     threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)

@@ -194,10 +194,16 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
     args = qa.Args()
     envs = qa.make_vec_env(args, 1)
     n_actions = envs.single_action_space.n
-    actor, critic = qa.Actor(n_actions, args.torso).to(device), qa.QNetwork(n_actions, args).to(device)
-    target = qa.copy.deepcopy(critic).requires_grad_(False)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+
+    def networks(memory_format=torch.contiguous_format):  # actor, critic, target and their optimisers
+        torch.manual_seed(0)
+        actor = qa.Actor(n_actions, args.torso).to(device, memory_format=memory_format)
+        critic = qa.QNetwork(n_actions, args).to(device, memory_format=memory_format)
+        return (actor, critic, qa.copy.deepcopy(critic).requires_grad_(False),
+                torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=1e-5),
+                torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5))
+
+    actor, critic, target, actor_opt, critic_opt = nets = networks()
     buffer = qa.FrameReplayBuffer(args.buffer_size, 1, n_actions, device)
     obs, _ = envs.reset(seed=0)
     buffer.push_frames(obs[:, -1], np.arange(1), new_episode=True)
@@ -208,7 +214,8 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
         collect_seconds.append(time.perf_counter() - start)
     envs.close()
 
-    def updates(fns, n: int) -> None:  # n critic and n actor steps, as train's loop takes them
+    def updates(fns, n: int) -> None:  # n critic and n actor steps, as train's loop takes them (fns[2]'s networks)
+        actor, critic, target, actor_opt, critic_opt = fns[2] if len(fns) > 2 else nets
         for _ in range(n):
             fns[0](args, buffer.sample(args.batch_size, args.target_horizon), critic, target, critic_opt)
             fns[1](args, buffer.sample(args.batch_size, 1), actor, critic, actor_opt)
@@ -217,8 +224,17 @@ def bench_qwr_atari(device: torch.device, rounds: int, steps: int) -> dict:
         torch._inductor.config.fallback_random = True
         return tuple(torch.compile(f) for f in fns)
 
-    # A step: a critic and an actor step.
-    m = measure(updates, (qa.critic_step, qa.actor_step), compile_fns, device, rounds, max(1, steps // 10))
+    def autocast(fn):  # the step under torch.autocast to bfloat16: convolutions and matmuls in bfloat16
+        def step(*a):
+            with torch.autocast(device.type, torch.bfloat16):
+                return fn(*a)
+        return step
+
+    # A step: a critic and an actor step. Other modes, compiled: bfloat16 autocast; channels-last weights.
+    step_fns = (qa.critic_step, qa.actor_step)
+    more = {"bf16 autocast": compile_fns(tuple(autocast(f) for f in step_fns)),
+            "channels-last": (*compile_fns(step_fns), networks(torch.channels_last))}
+    m = measure(updates, step_fns, compile_fns, device, rounds, max(1, steps // 10), more)
     return dict(script="qwr_atari.py", task="Breakout", updates_per_step=2, **m,
                 iteration={mode: statistics.median(collect_seconds) + args.critic_steps * s
                            for mode, s in m["step"].items()})
