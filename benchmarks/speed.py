@@ -304,7 +304,7 @@ def table(results: list[dict], limit: float, device: torch.device) -> str:
               "1000 actor steps (at the mean time of a critic and an actor step); for qwr_atari.py 1000 "
               "interactions, then 1000 critic and 1000 actor steps; for emaq_offline.py 1000 Q updates (batch 256 at "
               "Table 2's sizes, 100 at the emaq-n grid's). Speed-ups are over eager. Compiled: --compile, "
-              "torch.compile's default mode (qwr_atari.py's other modes: below its table)."]
+              "torch.compile's default mode. Other modes (qwr_atari.py): bfloat16 autocast, channels-last weights, both compiled."]
     return "\n".join(lines)
 
 
