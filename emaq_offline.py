@@ -270,7 +270,8 @@ def load_transitions(dataset_id: str, download: bool, device, gamma: float = 0.9
         parts["next_obs"].append(obs[1:])  # the true final observation ends each episode
         parts["action"].append(ep.actions)
         parts["reward"].append(ep.rewards)
-        parts["terminated"].append(ep.terminations)  # a truncation is not terminal: it bootstraps
+        # A truncation is not terminal: it bootstraps. Booleans: a writer's 0 / 1 would make ~t -1 / -2.
+        parts["terminated"].append(np.asarray(ep.terminations, bool))
         episode_returns.append(float(ep.rewards.sum()))
         g = 0.0
         for r in ep.rewards[::-1]:  # the discounted return from each step to the end of the data

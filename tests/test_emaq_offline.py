@@ -256,3 +256,19 @@ def test_the_datasets_discounted_return_restarts_at_every_episode(tiny_dataset, 
     _, info = emaq.load_transitions(tiny_dataset[1], False, "cpu", gamma=0.9)
     assert info.discounted_return == pytest.approx(np.mean(to_go), rel=1e-9)
     assert info.mean_return == pytest.approx(np.mean([ep.rewards.sum() for ep in episodes]), rel=1e-6)
+
+
+def test_terminations_stored_as_integers_load_as_booleans(tmp_path, monkeypatch):
+    # Some writers store terminations as 0 / 1 integers; ~1 is -2 and ~0 is -1, both "not terminated" to a
+    # target that multiplies by ~terminated. Loaded as booleans, the terminal step stops bootstrapping.
+    import datasets  # benchmarks/datasets.py
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    obs = np.zeros((4, 11), np.float32)
+    episode = dict(observations=obs, actions=np.zeros((3, 3), np.float32), rewards=np.ones(3, np.float32),
+                   terminations=np.array([0, 0, 1]), truncations=np.array([0, 0, 0]))
+    datasets.write_dataset("local/hopper/ints-v0", [episode], "Hopper-v4", "integer terminations")
+    data, _ = emaq.load_transitions("local/hopper/ints-v0", False, "cpu")
+    assert data["terminated"].dtype == torch.bool and data["terminated"].tolist() == [False, False, True]
+    target = data["reward"] + 0.5 * (~data["terminated"]) * 10.0  # as emaq_target bootstraps
+    assert target.tolist() == [6.0, 6.0, 1.0]
