@@ -330,6 +330,7 @@ def test_a_run_killed_inside_an_iteration_resumes_from_its_checkpoint_and_logs_e
     started[0].send_signal(signal.SIGKILL)
     first.join()
     assert not (tmp_path / "done" / f"{r['key']}.json").exists()
+    relaunched = time.time()
     key, rc, _ = run.launch(r, 1)  # the grid run again: it resumes from the checkpoint
     assert rc == 0 and "--checkpoint-path" in started[1].args
     [run_dir] = list((tmp_path / "runs").iterdir())  # one log directory, that of the first start
@@ -337,4 +338,8 @@ def test_a_run_killed_inside_an_iteration_resumes_from_its_checkpoint_and_logs_e
     acc.Reload()
     assert [e.step for e in acc.Scalars("charts/SPS")] == [100, 200, 300, 400]
     assert [e.step for e in acc.Scalars("charts/eval_return")] == [200, 400]
+    # What the killed run logged of iteration 3 (its training episodes, say) is gone: every event after the
+    # checkpoint's step 200 is the resumed run's.
+    late = [e for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag) if e.step > 200]
+    assert late and all(e.wall_time >= relaunched for e in late)
     assert json.loads((tmp_path / "done" / f"{r['key']}.json").read_text())["resumed"]

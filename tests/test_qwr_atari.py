@@ -236,11 +236,31 @@ def test_actor_regresses_on_the_stored_mu_at_s_weighted_by_the_critic_at_s():
 
 def test_the_gradient_norm_is_clipped_at_max_grad_norm():
     critic, target = TableNet([[1.0, 2.0], [10.0, 20.0]]), TableNet([[3.0, 4.0], [30.0, 40.0]])
-    for max_norm, expected in ((0.0, 40.0), (0.5, 0.5)):
-        opt = RecordingOptimizer(critic.values)
-        qa.critic_step(qa.Args(target_horizon=1, gamma=0.5, max_grad_norm=max_norm),
-                       one_transition(mu=[1.0, 0.0], next_mu=[0.0, 1.0]), critic, target, opt)
-        assert opt.grads[0].norm().item() == pytest.approx(expected, rel=1e-5)
+    actor = TableNet([[0.0, 0.0], [0.0, 0.0]])
+    batch = one_transition(mu=[0.8, 0.2], next_mu=[0.0, 1.0])
+    # Unclipped, the critic's gradient is 2 (1 - 21) = -40 and the actor's 0.176 (as in the test above, times
+    # sqrt 2 for its two entries); each is clipped to the flag's norm.
+    for max_norm, critic_norm, actor_norm in ((0.0, 40.0, 0.1764), (0.5, 0.5, 0.1764), (0.05, 0.05, 0.05)):
+        args = qa.Args(target_horizon=1, gamma=0.5, max_grad_norm=max_norm)
+        critic_opt, actor_opt = RecordingOptimizer(critic.values), RecordingOptimizer(actor.values)
+        qa.critic_step(args, batch, critic, target, critic_opt)
+        qa.actor_step(args, batch, actor, critic, actor_opt)
+        assert critic_opt.grads[0].norm().item() == pytest.approx(critic_norm, rel=1e-3)
+        assert actor_opt.grads[0].norm().item() == pytest.approx(actor_norm, rel=1e-3)
+
+
+def test_the_actors_baseline_is_v_mu_of_each_state():
+    # Two states with the same Q (0, 2) and mu (.8, .2) and (.2, .8): V_mu = .4 and 1.6, so A = (-.4, 1.6) and
+    # (-1.6, .4), normalised over the four entries. A plain mean over actions (1 in both) would give
+    # A = (-1, 1) twice, and another loss.
+    logits, q = torch.zeros(2, 2), torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    mu = torch.tensor([[0.8, 0.2], [0.2, 0.8]])
+    adv = np.array([[-0.4, 1.6], [-1.6, 0.4]])
+    w = np.exp((adv - adv.mean()) / (adv.std() + 1e-5))
+    want = -(mu.numpy() * w * np.log(0.5)).sum(-1).mean()
+    assert qa.exact_actor_loss(logits, mu, q, 1.0, 20.0).item() == pytest.approx(want, rel=1e-5)
+    plain = np.array([[-1.0, 1.0], [-1.0, 1.0]])
+    assert abs(-(mu.numpy() * np.exp(plain / plain.std()) * np.log(0.5)).sum(-1).mean() - want) > 0.1
 
 
 def tiny(**overrides) -> qa.Args:

@@ -57,11 +57,17 @@ def test_buffer_wraps_around_without_reading_old_data_as_a_continuation():
     assert set(rows.tolist()) == {3.0, 4.0, 5.0, 6.0}
 
 
+def normalizer(mean: float, var: float, dim: int = 1) -> qwr.ObsNormalizer:
+    norm = qwr.ObsNormalizer(dim, 0)
+    norm.mean.fill_(mean), norm.var.fill_(var)
+    return norm
+
+
 def test_collect_stores_true_final_observations_and_mu_at_the_next_state():
     envs = qwr.make_vec_env(qwr.Args(env_id="Hopper-v4"), 2)
     obs, _ = envs.reset(seed=0)
     torch.manual_seed(0)
-    actor, norm = qwr.Actor(11, 3), qwr.ObsNormalizer(11, 10_000)
+    actor, norm = qwr.Actor(11, 3), normalizer(1.0, 4.0, dim=11)  # mu is the policy at the normalised state
     with torch.no_grad():
         actor.net[-1].weight.normal_(0, 3.0)  # a wild policy: Hopper falls within 100 steps
     rollout, last_obs, episodes = qwr.collect(envs, obs, 100, actor, norm, 0.4, "cpu")
@@ -77,7 +83,9 @@ def test_collect_stores_true_final_observations_and_mu_at_the_next_state():
     with torch.no_grad():  # (batched and per-step matmuls round differently)
         assert torch.allclose(rollout["next_mu_mean"], actor(norm(rollout["next_obs"])), atol=1e-4)
         assert torch.allclose(rollout["mu_mean"], actor(norm(rollout["obs"])), atol=1e-4)
-    # Sampled actions are stored unclipped: mu's density is defined for them.
+    # Sampled actions are stored unclipped (mu's density is defined for them), 0.4 around the mean.
+    noise = rollout["action"] - rollout["mu_mean"]
+    assert abs(noise.std().item() - 0.4) < 0.03 and abs(noise.mean().item()) < 0.03
     assert (rollout["action"].abs() > 1).any() and torch.all(rollout["mu_std"] == 0.4)
 
 
@@ -136,12 +144,6 @@ def stored(n, obs, next_obs, action, mu_mean, mu_std, next_mu_mean, reward=1.0):
     return buf
 
 
-def normalizer(mean: float, var: float) -> qwr.ObsNormalizer:
-    norm = qwr.ObsNormalizer(1, 0)
-    norm.mean.fill_(mean), norm.var.fill_(var)
-    return norm
-
-
 def test_critic_targets_come_from_the_target_network_at_s_prime_with_actions_of_the_stored_mu_there():
     # s = 1, s' = 3, both normalised by (x - 1) / 2: 0 and 1. The stored action is 0.5; mu at s is centred on -5
     # and mu at s' (the next_mu_mean stored) on +5, std ~0. Critic (w, v) = (1, 1), target (7, 11); mean backup,
@@ -174,11 +176,13 @@ def test_the_target_network_is_the_critic_copied_every_target_update_every_steps
 
 
 def test_the_actor_regresses_on_actions_of_the_stored_mu_at_s_weighted_by_the_critic_at_s():
-    # Two kinds of states, s = 1 and s = 2 (next states 11 and 12), with Q(s, a) = s * sum(a): how the two
-    # states' advantages compare depends on which state the critic sees. mu at s is centred on 1.5 (beyond
-    # the bound 1, std 0.3); mu at s' on -3. The current policy's mean is 0.2 everywhere, its std 0.4.
+    # Two kinds of states, s = 2 and s = 5 (next states 12 and 15), normalised by (x - 1) / 2 to 0.5 and 2,
+    # with Q(s, a) = s * sum(a): how the two states' advantages compare depends on which state the critic
+    # sees, and whether normalised. mu at s is centred on 1.5 (beyond the bound 1, std 0.3); mu at s' on -3.
+    # The current policy's mean is 0.2 everywhere, its std 0.4.
     n = 8
-    obs = torch.tensor([1.0, 2.0] * (n // 2))
+    obs = torch.tensor([2.0, 5.0] * (n // 2))
+    norm = (obs - 1) / (2 + 1e-5)
     buf = stored(n, obs=obs, next_obs=obs + 10, action=0.0, mu_mean=1.5, mu_std=0.3, next_mu_mean=-3.0)
     args = qwr.Args(batch_size=n, n_samples=4, beta=0.5, max_weight=3.0, action_std=0.4)
 
@@ -192,11 +196,11 @@ def test_the_actor_regresses_on_actions_of_the_stored_mu_at_s_weighted_by_the_cr
     torch.manual_seed(0)
     b = buf.gather(torch.arange(n), torch.zeros(n, dtype=torch.long), 1)
     loss, clipped, at_bound = qwr.actor_step(args, b, actor, ObsTimesAction(0.0, 0.0), torch.optim.SGD(actor.parameters(), 0),
-                                             normalizer(0.0, 1.0)).tolist()
+                                             normalizer(1.0, 4.0)).tolist()
     # The same draws by hand: a_j = 1.5 + 0.3 z, Q = s a_j, A = Q - mean_j Q normalised over the batch.
     torch.manual_seed(0)
     a = 1.5 + 0.3 * torch.randn(n, 4, 1)
-    q = obs[:, None] * a[..., 0]
+    q = norm[:, None] * a[..., 0]
     adv = q - q.mean(-1, keepdim=True)
     adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)
     w = torch.exp(adv / 0.5).clamp(max=3.0)
@@ -204,12 +208,12 @@ def test_the_actor_regresses_on_actions_of_the_stored_mu_at_s_weighted_by_the_cr
     assert loss == pytest.approx(-(w * log_prob).mean().item(), rel=1e-5)
     assert clipped == pytest.approx((w >= 3.0).float().mean().item()) and 0 < clipped < 1  # the clip is at 3
     assert at_bound == 0.0  # the policy's mean 0.2 is inside the bounds [-1, 1]
-    # The wrong wirings give other losses: the critic at s' (11, 12: the states' advantages compare otherwise),
-    # actions from mu at s' (-3), from the current policy (0.2), no clip.
-    for wrong in (dict(obs=obs + 10), dict(centre=-3.0), dict(centre=0.2), dict(clip=1e9)):
+    # The wrong wirings give other losses: the critic at s' (the states' advantages compare otherwise), at s
+    # unnormalised, actions from mu at s' (-3), from the current policy (0.2), no clip.
+    for wrong in (dict(obs=(obs + 9) / 2), dict(obs=obs), dict(centre=-3.0), dict(centre=0.2), dict(clip=1e9)):
         torch.manual_seed(0)
         a = wrong.get("centre", 1.5) + 0.3 * torch.randn(n, 4, 1)
-        q = wrong.get("obs", obs)[:, None] * a[..., 0]
+        q = wrong.get("obs", norm)[:, None] * a[..., 0]
         adv = q - q.mean(-1, keepdim=True)
         adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)
         w = torch.exp(adv / 0.5).clamp(max=wrong.get("clip", 3.0))
@@ -242,17 +246,22 @@ def test_critic_head_init_starts_q_near_zero_and_the_gradient_clip_bounds_each_n
     buf.add(dict(obs=obs[:, None], next_obs=obs[:, None], action=actions[:, None, 0], mu_mean=actions[:, None, 1],
                  mu_std=torch.full((64, 1, 2), 0.4), next_mu_mean=actions[:, None, 2], reward=torch.randn(64, 1) * 100,
                  terminated=torch.zeros(64, 1, dtype=torch.bool), episode_end=torch.zeros(64, 1, dtype=torch.bool)))
-    norms = []
-    for max_norm in (0.0, 0.5):
+    actor, norms = qwr.Actor(5, 2), {}
 
-        class Recording(torch.optim.SGD):
-            def step(self, closure=None):
-                norms.append(torch.cat([p.grad.flatten() for p in default.parameters()]).norm().item())
+    class Recording(torch.optim.SGD):  # keeps the norm of the gradient it is handed
+        def step(self, closure=None):
+            grads = [p.grad.flatten() for group in self.param_groups for p in group["params"]]
+            norms[self.name] = torch.cat(grads).norm().item()
 
+    for max_norm in (0.0, 0.01):
         torch.manual_seed(1)
-        qwr.critic_step(qwr.Args(max_grad_norm=max_norm), buf.sample(32, 3), default, small,
-                        Recording(default.parameters(), 0.0), normalizer(0.0, 1.0))
-    assert norms[0] > 0.5 and norms[1] == pytest.approx(0.5, rel=1e-4)
+        args = qwr.Args(max_grad_norm=max_norm)
+        critic_opt, actor_opt = Recording(default.parameters(), 0.0), Recording(actor.parameters(), 0.0)
+        critic_opt.name, actor_opt.name = f"critic {max_norm}", f"actor {max_norm}"
+        qwr.critic_step(args, buf.sample(32, 3), default, small, critic_opt, normalizer(0.0, 1.0))
+        qwr.actor_step(args, buf.sample(32, 1), actor, default, actor_opt, normalizer(0.0, 1.0))
+    assert norms["critic 0.0"] > 0.01 and norms["critic 0.01"] == pytest.approx(0.01, rel=1e-4)
+    assert norms["actor 0.0"] > 0.01 and norms["actor 0.01"] == pytest.approx(0.01, rel=1e-4)
 
 
 def test_sampled_actions_come_from_each_state_s_own_gaussian():
@@ -320,10 +329,25 @@ def test_a_resumed_run_goes_on_from_its_last_iteration_in_the_same_log_with_each
     first = qwr.train(args)
     ckpt = torch.load(first["checkpoint"], weights_only=False)
     assert ckpt["iteration"] == 2 and ckpt["buffer"][2] == 200
-    # A run killed in iteration 3 after logging some of it: the resumed run drops those events and redoes it.
+    # The checkpoint holds the buffer and the normaliser; loaded, the episode in progress ends at the newest
+    # step (the envs restart, so no target may run on from it into the next episode).
+    assert not ckpt["buffer"][0]["episode_end"][(ckpt["buffer"][1] - 1) % 1000].all()
+    saved = dict(actor=qwr.Actor(11, 3), critic=qwr.QNetwork(11, -torch.ones(3), torch.ones(3), args),
+                 obs_norm=qwr.ObsNormalizer(11, 1))
+    saved["target"] = qwr.copy.deepcopy(saved["critic"])
+    saved |= dict(actor_opt=torch.optim.Adam(saved["actor"].parameters()),
+                  critic_opt=torch.optim.Adam(saved["critic"].parameters()))
+    buffer = qwr.ReplayBuffer(1000, 1, 11, 3, "cpu")
+    assert qwr.load_checkpoint(first["checkpoint"], saved, buffer, "cpu") == (2, first["run_name"])
+    assert (buffer.size, buffer.ptr, saved["obs_norm"].count.item()) == (200, 200, 200)
+    assert buffer.data["episode_end"][199].all() and buffer.data["obs"][:200].abs().sum() > 0
+    # A run killed in iteration 3 after logging some of it: the resumed run, started in another second, drops
+    # those events and redoes the iteration, in the first run's log directory.
     writer = qwr.SummaryWriter(f"runs/{first['run_name']}")
     writer.add_scalar("losses/critic_loss", 123.0, 300)
     writer.close()
+    real_time = qwr.time.time
+    monkeypatch.setattr(qwr.time, "time", lambda: real_time() + 10)
     resumed = qwr.train(replace(args, total_timesteps=400, checkpoint_path=first["checkpoint"]))
     assert resumed["run_name"] == first["run_name"] and resumed["global_step"] == 400
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
