@@ -171,7 +171,7 @@ def machine() -> str:
 def runs_of(grid: str, seeds, envs, methods) -> list[dict]:
     """The grid's runs, filtered; bitflip is one run (its own sweep)."""
     if grid == "bitflip":
-        return [dict(key="bitflip__sweep", script="bitflip.py", args=["--sweep", "--out-dir", "bitflip"])]
+        return [dict(key="bitflip__sweep", script="benchmarks/bitflip_sweep.py", args=["--out-dir", "bitflip"])]
     runs = []
     for method, script, flags, grid_envs in GRIDS[grid]:
         for env in [e for e in envs if e in grid_envs] if envs else grid_envs:  # in the order asked for
@@ -205,7 +205,7 @@ def launch(run: dict, threads: int, work_root: Optional[Path] = None, results: O
         return run["key"], None, 0.0
     args = list(run["args"])
     checkpoints = sorted(work.glob("runs/*/*.pt"))
-    if run["script"] == "bitflip.py":
+    if run["script"] == "benchmarks/bitflip_sweep.py":
         args += ["--workers", str(threads)]  # its sweep's processes, one thread each
     if run["script"] in COMPILABLE:
         args.append("--compile")  # (compiled updates: the same numbers to rounding, faster)

@@ -3,7 +3,7 @@ weights, the replay buffer's order, collection's true final observations, the
 normaliser; extreme settings, finite or stopped loudly (its runs and errors: test_scripts.py)."""
 
 import math
-import re
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -176,74 +176,80 @@ def test_collect_stores_the_true_final_observation_at_episode_ends():
 # ------------------------------------------------------------ extreme settings: finite, or a loud stop
 
 
-def updates_on_tiny_data(args: awr.Args) -> dict:
-    """Five critic and five actor steps (compiled with args.compile) on 64 random stored steps of
-    large rewards; the metrics and the largest advantage weight."""
+def updates_on_tiny_data(args: awr.Args, compile: bool = False) -> dict:
+    """Five critic and five actor steps (compiled or not) on 64 random stored steps of large rewards, as
+    train's loops take them; the mean losses and the largest advantage weight."""
     torch.manual_seed(0)
     buf = awr.ReplayBuffer(64, 1, 3, 2, "cpu")
     buf.add(dict(obs=torch.randn(64, 1, 3) * 10, next_obs=torch.randn(64, 1, 3) * 10, action=torch.randn(64, 1, 2),
                  reward=torch.randn(64, 1) * 100, terminated=torch.rand(64, 1) < 0.1,
                  episode_end=torch.rand(64, 1) < 0.2))
-    learner = awr.make_learner(args, 3, 2, "cpu", args.actor_lr or 5e-5, args.action_std or 0.4)
-    learner.obs_norm.update(buf.data["obs"])
-    states, _, _, returns = awr.buffer_returns(args, buf, learner)
-    cpu = torch.device("cpu")
-    metrics = awr.train_critic(args, learner, states, returns, 5, awr.compiled(awr.critic_step, args, cpu))
-    states, actions, values, returns = awr.buffer_returns(args, buf, learner)
+    args = replace(args, actor_lr=args.actor_lr or 5e-5, action_std=args.action_std or 0.4)
+    actor, critic, norm = awr.Actor(3, 2), awr.Critic(3, args.gamma), awr.ObsNormalizer(3, 1000)
+    actor_opt = torch.optim.SGD(actor.parameters(), lr=args.actor_lr, momentum=args.momentum)
+    critic_opt = torch.optim.SGD(critic.parameters(), lr=args.critic_lr, momentum=args.momentum)
+    norm.update(buf.data["obs"])
+    torch._inductor.config.fallback_random = True
+    critic_step = torch.compile(awr.critic_step) if compile else awr.critic_step
+    actor_step = torch.compile(awr.actor_step) if compile else awr.actor_step
+    states, _, _, returns = awr.buffer_returns(args, buf, critic, norm)
+    rows = [torch.randint(0, len(states), (args.batch_size,)) for _ in range(5)]
+    critic_loss = sum(critic_step(args, critic, critic_opt, norm, states[i], returns[i]) for i in rows) / 5
+    states, actions, values, returns = awr.buffer_returns(args, buf, critic, norm)
     weights = awr.advantage_weights(returns - values, args.beta, args.max_weight)
-    actor_update = awr.compiled(awr.actor_step, args, cpu)
-    return (metrics | awr.train_actor(args, learner, states, actions, weights, 5, actor_update)
-            | {"max_weight": weights.max().item()})
+    actor_loss = sum(actor_step(args, actor, actor_opt, norm, states[i], actions[i], weights[i]) for i in rows) / 5
+    return dict(critic_loss=critic_loss.item(), actor_loss=actor_loss.item(), max_weight=weights.max().item())
 
 
 def test_compiled_steps_give_the_eager_losses():
-    # The same seed, data and batches, eager and through torch.compile (the default, --compile):
-    # equal to float32 rounding, not bit for bit (compiled code draws eager's random numbers).
-    eager = updates_on_tiny_data(awr.Args(batch_size=16, compile=False))
-    fast = updates_on_tiny_data(awr.Args(batch_size=16))
+    # The same seed, data and batches, eager and through torch.compile (--compile): equal to float32
+    # rounding, not bit for bit (compiled code draws eager's random numbers).
+    eager = updates_on_tiny_data(awr.Args(batch_size=16))
+    fast = updates_on_tiny_data(awr.Args(batch_size=16), compile=True)
     for key in eager:
         assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("flags", [dict(beta=1e-6), dict(max_weight=1e6), dict(gamma=0.9999), dict(critic_lr=1.0)])
 def test_extreme_settings_keep_every_loss_finite(flags):
-    metrics = updates_on_tiny_data(awr.Args(batch_size=16, compile=False, **flags))
+    metrics = updates_on_tiny_data(awr.Args(batch_size=16, **flags))
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert metrics["max_weight"] <= max(20.0, flags.get("max_weight", 0)) * (1 + 1e-6)  # (the clip, in float32)
 
 
 # Under SGD (the authors' optimiser) a step scales with the loss: weights of 1e6 (a tiny beta AND a huge
 # clip) or log-likelihood gradients (a - mean) / std^2 of a tiny std make the policy diverge in a few steps.
-@pytest.mark.parametrize("flags, cause", [
-    (dict(beta=1e-6, max_weight=1e6), "--beta 1e-06, --max-weight 1000000.0"),
-    (dict(action_std=1e-3), "--action-std 0.001"),
-    (dict(critic_lr=1e30), "--critic-lr 1e+30"),
-])
-def test_settings_that_diverge_stop_the_run_naming_the_flags(flags, cause, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags", [dict(beta=1e-6, max_weight=1e6), dict(action_std=1e-3), dict(critic_lr=1e30)])
+def test_settings_that_diverge_stop_the_run(flags, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = awr.Args(env_id="Hopper-v4", total_timesteps=100, samples_per_iteration=100, critic_steps=8,
-                    actor_steps=8, batch_size=32, buffer_size=1000, eval_episodes=0, cuda=False, compile=False, **flags)
-    with pytest.raises(FloatingPointError, match=r"non-finite losses at step 100 .*likely cause: " + re.escape(cause)):
+                    actor_steps=8, batch_size=32, buffer_size=1000, eval_episodes=0, cuda=False, **flags)
+    with pytest.raises(FloatingPointError, match=r"non-finite losses at step 100"):
         awr.train(args)
 
 
-def test_each_step_gets_a_batch_whose_states_returns_actions_and_weights_belong_together():
-    # The loops draw one batch of buffer rows per step and hand the step those rows of every array.
-    args = awr.Args(batch_size=8)
-    states = torch.arange(40.0).reshape(20, 2)  # row r holds (2r, 2r + 1)
-    seen = []
+def test_each_step_gets_a_batch_whose_states_returns_actions_and_weights_belong_together(tmp_path, monkeypatch):
+    # train's loops draw one batch of buffer rows per step and hand the step those rows of every array.
+    # Here the buffer's arrays are made so that row r is r everywhere: its state (r, ..., r), action r + 100,
+    # return r / 2, value 0, so the weights are those of the returns.
+    monkeypatch.chdir(tmp_path)
+    states, actions = torch.arange(20.0)[:, None].expand(20, 11), torch.arange(20.0)[:, None] + 100
+    returns = torch.arange(20.0) / 2
+    monkeypatch.setattr(awr, "buffer_returns", lambda *a: (states, actions.expand(20, 3), torch.zeros(20), returns))
+    weights, seen = awr.advantage_weights(returns, 1.0, 20.0), []
 
-    def critic(args, learner, s, returns):
-        seen.append(len(s))
-        assert torch.equal(returns, s[:, 0] / 2) and not torch.equal(s, states[: len(s)])
+    def critic_step(args, critic, opt, norm, s, r):
+        seen.append("critic")
+        assert torch.equal(r, s[:, 0] / 2) and not torch.equal(s, states[: len(s)])
         return torch.zeros(1)
 
-    def actor(args, learner, s, actions, weights):
-        seen.append(len(s))
-        assert torch.equal(actions, s + 100) and torch.equal(weights, s[:, 1])
+    def actor_step(args, actor, opt, norm, s, a, w):
+        seen.append("actor")
+        assert torch.equal(a[:, 0], s[:, 0] + 100) and torch.equal(w, weights[s[:, 0].long()])
         return torch.zeros(1)
 
-    torch.manual_seed(0)
-    awr.train_critic(args, None, states, states[:, 0] / 2, 3, critic)
-    awr.train_actor(args, None, states, states + 100, states[:, 1], 3, actor)
-    assert seen == [8] * 6
+    monkeypatch.setattr(awr, "critic_step", critic_step)
+    monkeypatch.setattr(awr, "actor_step", actor_step)
+    awr.train(awr.Args(env_id="Hopper-v4", total_timesteps=100, samples_per_iteration=100, critic_steps=3,
+                       actor_steps=4, batch_size=8, buffer_size=1000, eval_episodes=0, cuda=False))
+    assert seen == ["critic"] * 3 + ["actor"] * 4

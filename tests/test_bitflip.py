@@ -1,5 +1,6 @@
 """bitflip.py: the environment, the backups, and QWR's Theorems 1-3 checked on
-small tabular problems solved exactly (qwr.md Sections 2.2-2.3, Appendix 6.2-6.3)."""
+small tabular problems solved exactly (qwr.md Sections 2.2-2.3, Appendix 6.2-6.3); the sweep of Fig. 1
+(benchmarks/bitflip_sweep.py) and how run.py starts it."""
 
 import math
 from dataclasses import replace
@@ -7,9 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import tyro
 from tabular import bitflip_mdp, optimal_q, policy_return, q_of_policy, random_mdp, random_policy
 
 import bitflip as bf
+from benchmarks import bitflip_sweep, run
 
 # ---------------------------------------------------------------- the environment
 
@@ -248,21 +251,31 @@ def test_both_learn_bitflip6_in_a_second(algo, monkeypatch, tmp_path):
     assert m["eval_return"] >= 3.5 and m["eval_return_sampled"] >= 3.0, m
 
 
-def test_tiny_sweep_at_both_learning_rates_resumes_from_its_csv(tmp_path):
-    args = bf.Args(sweep=True, sweep_n_bits=(2, 7), sweep_seeds=1, iterations=1, steps_per_iteration=50,
-                   critic_steps=2, actor_steps=2, batch_size=8, hidden=8, workers=1, out_dir=str(tmp_path / "s"),
-                   sweep_lrs=("table4",))
-    rows = bf.sweep(args)
-    assert len(rows) == 4 and (tmp_path / "s" / "bitflip_sweep.png").stat().st_size > 1000
-    rows = bf.sweep(replace(args, sweep_lrs=("1e-2", "table4")))  # runs only the 1e-2 half
-    lines = (tmp_path / "s" / "bitflip_sweep.csv").read_text().splitlines()
+def test_tiny_sweep_at_both_learning_rates_resumes_from_its_csv(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s"
+    args = bitflip_sweep.Args(n_bits=(2, 7), seeds=1, lrs=("table4",), workers=1, out_dir=str(out),
+                              run=bf.Args(iterations=1, steps_per_iteration=50, critic_steps=2, actor_steps=2,
+                                          batch_size=8, hidden=8))
+    rows = bitflip_sweep.sweep(args)
+    assert len(rows) == 4 and (out / "bitflip_sweep.png").stat().st_size > 1000
+    rows = bitflip_sweep.sweep(replace(args, lrs=("1e-2", "table4")))  # runs only the 1e-2 half
+    lines = (out / "bitflip_sweep.csv").read_text().splitlines()
     assert lines[0].startswith("lrs,algo,n_bits,seed,eval_return,eval_return_sampled") and len(lines) == 9
     assert sorted(line.split(",")[0] for line in lines[1:]) == ["1e-2"] * 4 + ["table4"] * 4
-    assert len(rows) == 8
+    # No TensorBoard logs: run.py would copy them into results/runs/, where report.py reads the grids' runs.
+    assert len(rows) == 8 and not (tmp_path / "runs").exists()
 
 
-def test_bad_input_is_a_usage_error():
-    with pytest.raises(bf.UsageError, match="multiple of 5"):
+def test_run_py_starts_the_sweep_tool_with_flags_it_knows():
+    (sweep,) = run.runs_of("bitflip", [1], None, None)
+    assert sweep["script"] == "benchmarks/bitflip_sweep.py" and (run.ROOT / sweep["script"]).is_file()
+    args = tyro.cli(bitflip_sweep.Args, args=[*sweep["args"], "--workers", "3"])  # launch() adds --workers
+    assert (args.out_dir, args.workers, args.lrs) == ("bitflip", 3, ("1e-2", "table4"))  # report.py reads bitflip/
+
+
+def test_bad_input_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="multiple of 5"):
         bf.train(bf.Args(steps_per_iteration=999))
-    with pytest.raises(bf.UsageError, match="--n-bits"):
+    with pytest.raises(SystemExit, match="error: --n-bits must be >= 1"):
         bf.train(bf.Args(n_bits=0))
