@@ -122,26 +122,31 @@ def bench_iq_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     args = iq.Args(env_id="HalfCheetah-v4")
     env = iq.make_env(args.env_id)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    learner = iq.make_learner(args, obs_dim, act_dim, device)
-    buffer = iq.ReplayBuffer(10_000, obs_dim, (act_dim,), torch.long, device)
+    nets = iq.make_networks(args, obs_dim, act_dim).to(device)
+    optimizer = torch.optim.Adam([*nets.policy.parameters(), *nets.value.parameters()], lr=args.learning_rate)
+    buffer = iq.ReplayBuffer(10_000, obs_dim, act_dim, torch.long, device)
     low, high = env.action_space.low, env.action_space.high
     obs, _ = env.reset(seed=0)
     start = time.perf_counter()
     for i in range(2000):  # the policy acting: the environment's share of an iteration (the second half timed)
         if i == 1000:
             start = time.perf_counter()
-        action = iq.choose_action(args, learner.policy, env, obs, False, device)
-        next_obs, reward, terminated, truncated, _ = env.step(iq.to_env_action(action, args.policy, low, high,
-                                                                                args.n_bins))
+        action = nets.policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        next_obs, reward, terminated, truncated, _ = env.step(iq.to_env_action(args, action, low, high))
         buffer.add(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated)
         obs = env.reset()[0] if terminated or truncated else next_obs
     act_seconds = time.perf_counter() - start
     env.close()
+
     def updates(fn, n: int) -> None:
         for _ in range(n):
-            fn(args, learner, buffer.sample(args.batch_size))
+            fn(args, buffer.sample(args.batch_size), nets, optimizer)
 
-    m = measure(updates, iq.update, lambda fn: iq.compiled(fn, args, device), device, rounds, steps)
+    def compile_fn(fn):  # as --compile does
+        torch._inductor.config.fallback_random = True
+        return torch.compile(fn)
+
+    m = measure(updates, iq.update_step, compile_fn, device, rounds, steps)
     return dict(script="iq_continuous.py", task="HalfCheetah-v4", updates_per_step=1, **m,
                 iteration={mode: act_seconds + 1000 * s for mode, s in m["step"].items()})
 
@@ -151,33 +156,41 @@ def bench_awr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     computes the buffer's TD(lambda) returns twice, then takes 200 critic and 1000 actor steps."""
     import awr_continuous as awr
 
-    args = awr.Args(env_id="Walker2d-v4")
-    setting = awr.authors_setting(args.env_id)
+    args = awr.Args(env_id="Walker2d-v4", **awr.authors_setting("Walker2d-v4"))
     envs = awr.make_vec_env(args.env_id, 1)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    learner = awr.make_learner(args, obs_dim, act_dim, device, setting["actor_lr"], setting["action_std"])
+    actor, critic = awr.Actor(obs_dim, act_dim).to(device), awr.Critic(obs_dim, args.gamma).to(device)
+    norm = awr.ObsNormalizer(obs_dim, args.obs_norm_sample_limit).to(device)
+    actor_opt = torch.optim.SGD(actor.parameters(), lr=args.actor_lr, momentum=args.momentum)
+    critic_opt = torch.optim.SGD(critic.parameters(), lr=args.critic_lr, momentum=args.momentum)
     buffer = awr.ReplayBuffer(args.buffer_size, 1, obs_dim, act_dim, device)
     obs, _ = envs.reset(seed=0)
     seconds = []  # collecting an iteration's steps and computing the returns twice, as train does
     for _ in range(5):
         start = time.perf_counter()
-        rollout, obs, _ = awr.collect(envs, obs, args.samples_per_iteration, learner.actor, learner.obs_norm,
-                                      learner.action_std, device)
-        learner.obs_norm.update(rollout["obs"])
+        rollout, obs, _ = awr.collect(envs, obs, args.samples_per_iteration, actor, norm, args.action_std, device)
+        norm.update(rollout["obs"])
         buffer.add(rollout)
         for _ in range(2):
-            states, actions, values, returns = awr.buffer_returns(args, buffer, learner)
+            states, actions, values, returns = awr.buffer_returns(args, buffer, critic, norm)
         seconds.append(time.perf_counter() - start)
     envs.close()
     weights = awr.advantage_weights(returns - values, args.beta, args.max_weight)
 
-    def updates(fns, n: int) -> None:  # n critic and n actor steps
-        awr.train_critic(args, learner, states, returns, n, fns[0])
-        awr.train_actor(args, learner, states, actions, weights, n, fns[1])
+    def updates(fns, n: int) -> None:  # n critic and n actor steps, as train's loops take them
+        for _ in range(n):
+            i = torch.randint(0, len(states), (args.batch_size,), device=device)
+            fns[0](args, critic, critic_opt, norm, states[i], returns[i])
+        for _ in range(n):
+            i = torch.randint(0, len(states), (args.batch_size,), device=device)
+            fns[1](args, actor, actor_opt, norm, states[i], actions[i], weights[i])
+
+    def compile_fns(fns):  # as --compile does
+        torch._inductor.config.fallback_random = True
+        return tuple(torch.compile(f) for f in fns)
 
     # A step: a critic and an actor step, timed together as a pair.
-    m = measure(updates, (awr.critic_step, awr.actor_step),
-                lambda fns: tuple(awr.compiled(f, args, device) for f in fns), device, rounds, steps)
+    m = measure(updates, (awr.critic_step, awr.actor_step), compile_fns, device, rounds, steps)
     # An iteration's 200 critic and 1000 actor steps, at the pair's mean time per step.
     n_updates = args.critic_steps + args.actor_steps
     return dict(script="awr_continuous.py", task="Walker2d-v4", updates_per_step=2, **m,
@@ -251,16 +264,21 @@ def bench_emaq_offline(device: torch.device, rounds: int, steps: int) -> list[di
                  steps)]
     results = []
     for task, obs_dim, act_dim, args, n_steps in settings:
-        learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (act_dim,)), obs_dim, device)
+        learner = emaq.make_learner(args, obs_dim, emaq.gym.spaces.Box(-1, 1, (act_dim,)), device)
         n = 10_000
         data = dict(obs=torch.randn(n, obs_dim, device=device), next_obs=torch.randn(n, obs_dim, device=device),
                     action=torch.rand(n, act_dim, device=device) * 2 - 1, reward=torch.randn(n, device=device),
                     terminated=torch.rand(n, device=device) < 0.01)
 
-        def updates(fn, k: int) -> None:
-            emaq.train_q(args, data, learner, k, fn)
+        def updates(fn, k: int) -> None:  # k Q updates, as train's loop takes them
+            for _ in range(k):
+                fn(args, emaq.sample(data, args.batch_size), learner)
 
-        m = measure(updates, emaq.q_step, lambda fn: emaq.compiled(fn, args, device), device, rounds, max(1, n_steps))
+        def compile_fn(fn):  # as --compile does
+            torch._inductor.config.fallback_random = True
+            return torch.compile(fn)
+
+        m = measure(updates, emaq.q_step, compile_fn, device, rounds, max(1, n_steps))
         results.append(dict(script="emaq_offline.py", task=task, updates_per_step=1, **m,
                             iteration={mode: 1000 * s for mode, s in m["step"].items()}))
     return results

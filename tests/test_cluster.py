@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from benchmarks import report, run
 
 submitit = pytest.importorskip("submitit")  # benchmarks/requirements.txt
-TINY = ["--env-id", "Hopper-v4", "--steps-per-iteration", "100", "--critic-steps", "100", "--actor-steps", "100",
+TINY = ["--env-id", "Hopper-v4", "--steps-per-iteration", "100", "--critic-steps", "40", "--actor-steps", "40",
         "--batch-size", "32", "--buffer-size", "1000", "--eval-every", "2", "--eval-episodes", "1", "--no-cuda"]
 
 

@@ -1,13 +1,18 @@
 """emaq_offline.py: the autoregressive behaviour model's likelihood and sampling,
-the ensemble's target, a run from a Minari dataset made by qwr_continuous.py, and
-extreme settings, finite or stopped loudly."""
+the ensemble's target, which networks, states and samples each update and the
+policy use (stub networks), a run from a Minari dataset made by qwr_continuous.py
+resumed from its checkpoint, and extreme settings, finite or stopped loudly."""
 
-import dataclasses
 import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import emaq_offline as emaq
 
@@ -155,30 +160,123 @@ def test_sampling_conditions_each_dimension_on_the_earlier_ones_drawn_for_the_sa
     assert torch.equal(forced[..., 1:], bins[..., 1:]), "sampling and the teacher-forced logits disagree"
 
 
-def test_a_run_from_a_dataset_made_by_qwr(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])  # (conftest.py: 200 steps of qwr_continuous.py)
+# ------------------------------------------------ wiring: which network, state and samples (stub networks)
+
+
+class TableQ(nn.Module):
+    """Two members valuing (s, a) as scale * (Q_TABLE[k, a] + s_0), scale a parameter (the EMA moves it)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, obs, action):
+        return self.scale * (Q_TABLE[:, action[:, 0].long()] + obs[:, 0])
+
+
+class ProposeAtState:
+    """mu proposes actions 0, 1, 2 (N = 3) at a state whose first feature is >= 0, and only action 0 elsewhere."""
+
+    def sample(self, obs, n):
+        assert n == 3, n
+        return torch.stack([torch.tensor([[0.0], [1.0], [2.0]]) if o[0] >= 0 else torch.zeros(3, 1) for o in obs])
+
+
+def stub_learner(online_scale: float) -> emaq.Learner:
+    """The online ensemble at scale online_scale, its target at scale 1; plain SGD at lr 0: the step leaves
+    the online ensemble where it is, so that only the EMA moves the target."""
+    online = TableQ(online_scale)
+    return emaq.Learner(behavior=ProposeAtState(), q_ensemble=online, target_q=TableQ(1.0), mu_opt=None,
+                        q_opt=torch.optim.SGD(online.parameters(), lr=0.0))
+
+
+# One transition from s = -7 to s' = 10, reward 1, not terminal; gamma = .5, N = 3, lambda = 1.
+BATCH = dict(obs=torch.tensor([[-7.0]]), action=torch.zeros(1, 1), next_obs=torch.tensor([[10.0]]),
+             reward=torch.tensor([1.0]), terminated=torch.tensor([False]))
+ARGS = emaq.Args(n_samples=3, ensemble_lambda=1.0, gamma=0.5, ema=0.9)
+
+
+def test_the_q_target_is_the_ema_ensemble_at_s_prime_over_n_actions_of_mu_at_s_prime():
+    # The online ensemble is 0 everywhere, so the loss is 2 members * (0 - y)^2.
+    #   right:  mu at s' proposes 0, 1, 2; the target at s' = 10 combines per action, min = (1, 2, 3) + 10,
+    #           best 13:                                       y = 1 + .5 * 13 = 7.5, loss 2 * 7.5^2 = 112.5
+    #   the online ensemble (0) instead of the target:        y = 1,                 loss 2
+    #   the target at s = -7 instead of s':                    y = 1 + .5 * (3 - 7) = -1, loss 2
+    #   mu at s (only action 0) instead of s':                 y = 1 + .5 * (1 + 10) = 6.5, loss 84.5
+    #   the members' own bests (5, 4), then their min (4):     y = 1 + .5 * 14 = 8,   loss 128
+    loss, q_mean = emaq.q_step(ARGS, BATCH, stub_learner(0.0)).tolist()
+    assert (loss, q_mean) == (2 * 7.5**2, 0.0)
+
+
+def test_the_targets_follow_the_online_ensemble_at_the_flags_ema_rate():
+    # theta_target <- ema * theta_target + (1 - ema) * theta: .9 * 1 + .1 * 2 = 1.1 (ema = .9, not the default
+    # .995); the rate the other way round gives .1 * 1 + .9 * 2 = 1.9, a copy 2, no update 1.
+    learner = stub_learner(2.0)
+    emaq.q_step(ARGS, BATCH, learner)
+    assert learner.q_ensemble.scale.item() == 2.0  # (lr 0: the online ensemble did not move)
+    assert learner.target_q.scale.item() == pytest.approx(1.1, abs=1e-6)
+
+
+def tiny_run(dataset_id: str, **flags) -> emaq.Args:
+    """A tiny run on conftest.py's dataset (200 steps of qwr_continuous.py): 30 mu steps, 2 Q-networks of 32 units."""
+    return emaq.Args(**dict(dataset_id=dataset_id, mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
+                            n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False) | flags)
+
+
+def test_the_policy_is_the_best_of_n_proposals_under_the_online_ensemble(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
     monkeypatch.chdir(tmp_path)
-    args = emaq.Args(dataset_id="mujoco/hopper/local-v0", mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1,
-                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, compile=False,
-                     save_model=True)
+    learners, acted, make_learner, act = [], [], emaq.make_learner, emaq.act
+    monkeypatch.setattr(emaq, "make_learner", lambda *a: learners.append(make_learner(*a)) or learners[-1])
+    monkeypatch.setattr(emaq, "act", lambda obs, mu, q, n, lam: acted.append((mu, q, n)) or act(obs, mu, q, n, lam))
+    emaq.train(tiny_run(tiny_dataset[1], n_samples=3, num_updates=10))
+    [learner] = learners
+    # mu proposes, the online ensemble (not its EMA target) chooses, in every evaluation step
+    assert all(mu is learner.behavior and q is learner.q_ensemble for mu, q, _ in acted)
+    # mu alone first (N = 1, before the Q loop), then the EMaQ policy with N = --n-samples = 3
+    ns = [n for _, _, n in acted]
+    assert ns[0] == 1 and ns[-1] == 3 and ns == sorted(ns) and set(ns) == {1, 3}
+
+
+# ------------------------------------------------ a run from a Minari dataset, resumed from its checkpoint
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_in_the_same_log(tiny_dataset, tmp_path, monkeypatch):
+    # A run checkpoints when mu is trained (update 0) and at updates 10, 20 and 30. It is resumed from the
+    # checkpoint at 10, as a run killed after logging update 30 whose later checkpoints never reached the disk:
+    # the log keeps each point once (purge_step), mu's curve included (logged again past update 10).
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
+    monkeypatch.chdir(tmp_path)
+    kept, save = {}, emaq.save_checkpoint
+
+    def keep_each(path, learner, **info):
+        kept[info["updates"]] = shutil.copy(save(path, learner, **info), tmp_path / f"at{info['updates']}.pt")
+        return path
+
+    monkeypatch.setattr(emaq, "save_checkpoint", keep_each)
+    args = tiny_run(tiny_dataset[1], num_updates=30, save_model=True)
     m = emaq.train(args)
-    assert m["updates"] == 20 and math.isfinite(m["q_loss"]) and math.isfinite(m["normalized_score"])
+    assert sorted(kept) == [0, 10, 20, 30] and m["updates"] == 30 and math.isfinite(m["normalized_score"])
     assert math.isfinite(m["behavior_return"])  # mu alone, evaluated once before the Q loop
     assert m["mu_nll"] < 3 * math.log(40)  # mu has learned: below the uniform model over 40 bins in 3 dims
-    ev = emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], eval_only=True)))
-    assert len(ev["eval_returns"]) == 1
-    with pytest.raises(emaq.UsageError, match="--q-hidden 32; pass the same"):
-        emaq.train(emaq.Args(**vars(args) | dict(checkpoint_path=m["checkpoint"], q_hidden=64)))
-    with pytest.raises(emaq.UsageError, match="local datasets: mujoco/hopper/local-v0"):
-        emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", download=False, cuda=False, compile=False))
+    resumed = emaq.train(replace(args, checkpoint_path=str(kept[10])))
+    assert resumed["run_name"] == m["run_name"] and resumed["updates"] == 30 and math.isfinite(resumed["q_loss"])
+    [run_dir] = Path("runs").iterdir()
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    steps = lambda tag: [e.step for e in ea.Scalars(tag)]  # noqa: E731
+    assert steps("losses/q_loss") == steps("charts/eval_return") == [10, 20, 30]
+    assert steps("losses/mu_nll") == [30] and steps("charts/behavior_return") == steps("charts/dataset_return") == [0]
+
+
+def test_a_missing_dataset_is_one_line_naming_the_local_ones(tiny_dataset, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
+    with pytest.raises(SystemExit, match="--no-download.*minari download local/hopper/none-v0.*benchmarks/datasets.py; "
+                                         "local datasets: mujoco/hopper/local-v0"):
+        emaq.train(emaq.Args(dataset_id="local/hopper/none-v0", download=False, cuda=False))
 
 
 # ------------------------------------------------------------ extreme settings: finite, or a loud stop
-
-
-class NoWriter:
-    def add_scalar(self, *args):
-        pass
 
 
 @pytest.mark.parametrize("flags", [dict(ensemble_lambda=0.0), dict(ensemble_lambda=1.0), dict(n_samples=1),
@@ -186,64 +284,36 @@ class NoWriter:
                                    dict(n_bins=400), dict(mu_lr=1.0), dict(q_lr=1.0)])
 def test_extreme_settings_keep_every_loss_finite(flags):
     torch.manual_seed(0)
-    args = emaq.Args(batch_size=16, num_q=2, q_hidden=32, mu_embed=32, mu_steps=5, **flags)
-    learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (3,)), 3, "cpu")
+    args = emaq.Args(batch_size=16, num_q=2, q_hidden=32, mu_embed=32, **flags)
+    learner = emaq.make_learner(args, 3, emaq.gym.spaces.Box(-1, 1, (3,)), "cpu")
     with torch.no_grad():  # mu deems the first bin of each dimension all but impossible: ln p about -1000
         learner.behavior.heads[-1].bias[:, 0, 0] = -1e3
     action = torch.rand(64, 3) * 2 - 1
     action[:8], action[8:16] = -1.0, 1.0  # on the bounds: in the first bin, and in the last
     data = dict(obs=torch.randn(64, 3) * 10, next_obs=torch.randn(64, 3) * 10, action=action,
                 reward=torch.randn(64) * 100, terminated=torch.rand(64) < 0.1)
-    metrics, _ = emaq.fit_behavior(args, data, learner, 0, NoWriter())
-    q_metrics, _ = emaq.train_q(args, data, learner, 5)
-    assert all(math.isfinite(v) for v in (metrics | q_metrics).values()), metrics | q_metrics
+    losses = [emaq.mu_step(args, emaq.sample(data, 16), learner) for _ in range(5)]
+    losses += [emaq.q_step(args, emaq.sample(data, 16), learner) for _ in range(5)]
+    assert torch.isfinite(torch.cat([x.reshape(-1) for x in losses])).all(), losses
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(mu_lr=1e30), r"non-finite mu NLL at mu step 5; likely cause: --mu-lr 1e\+30"),
-    (dict(q_lr=1e30), r"non-finite Q loss at update 10 .*likely cause: --q-lr 1e\+30"),
-])
-def test_a_non_finite_loss_stops_the_run_naming_the_flag(flags, message, tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags, message", [(dict(mu_lr=1e30), r"non-finite mu NLL at mu step 5$"),
+                                            (dict(q_lr=1e30), r"non-finite Q loss at update 10 ")])
+def test_a_non_finite_loss_stops_the_run(flags, message, tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
     monkeypatch.chdir(tmp_path)
-    args = emaq.Args(dataset_id=tiny_dataset[1], mu_steps=5, num_updates=10, eval_every=10, eval_episodes=0,
-                     n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16, cuda=False, compile=False, **flags)
     with pytest.raises(FloatingPointError, match=message):
-        emaq.train(args)
+        emaq.train(tiny_run(tiny_dataset[1], mu_steps=5, num_updates=10, eval_episodes=0, **flags))
 
 
 def test_table_3s_network_sizes_reach_the_networks():
     args = emaq.Args(num_q=16, q_hidden=256, q_layers=4, mu_embed=256, mu_embed_layers=4, mu_hidden=128, mu_layers=1,
                      n_bins=80)
-    learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (3,)), 5, "cpu")
+    learner = emaq.make_learner(args, 5, emaq.gym.spaces.Box(-1, 1, (3,)), "cpu")
     shapes = lambda net: [tuple(m.weight.shape) for m in net if hasattr(m, "weight")]  # noqa: E731
     assert shapes(learner.behavior.embed) == [(256, 5)] + [(256, 256)] * 4  # 4 hidden layers, then the embedding
     assert shapes(learner.behavior.heads) == [(3, 256 + 3, 128), (3, 128, 80)]  # 1 hidden layer, 80 bins
     assert shapes(learner.q_ensemble.net) == [(16, 5 + 3, 256)] + [(16, 256, 256)] * 3 + [(16, 256, 1)]
-
-
-def test_compiled_updates_give_the_eager_losses():
-    # Three mu steps and three Q updates (N actions sampled from mu for each target) from the same seed
-    # and batches, eager and through torch.compile (the default, --compile). Compiled kernels sum float32
-    # in another order, so the losses agree to rounding, not bit for bit (measured: relative 1e-7).
-    args = emaq.Args(batch_size=16, num_q=2, q_hidden=32, mu_embed=32, mu_steps=3, n_samples=4)
-    torch.manual_seed(0)
-    data = dict(obs=torch.randn(64, 3), next_obs=torch.randn(64, 3), action=torch.rand(64, 2) * 2 - 1,
-                reward=torch.randn(64), terminated=torch.rand(64) < 0.1)
-    results = []
-    for compile_ in (False, True):
-        torch.manual_seed(1)
-        learner = emaq.make_learner(args, emaq.gym.spaces.Box(-1, 1, (2,)), 3, "cpu")
-        mu_update = emaq.compiled(emaq.mu_step, dataclasses.replace(args, compile=compile_), torch.device("cpu"))
-        q_update = emaq.compiled(emaq.q_step, dataclasses.replace(args, compile=compile_), torch.device("cpu"))
-        assert (q_update is emaq.q_step) != compile_
-        torch.manual_seed(2)  # the same batches and sampled actions
-        metrics, _ = emaq.fit_behavior(args, data, learner, 0, NoWriter(), mu_update)
-        metrics |= emaq.train_q(args, data, learner, 3, q_update)[0]
-        results.append(metrics)
-    eager, fast = results
-    for key in eager:
-        assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
 def test_the_datasets_discounted_return_restarts_at_every_episode(tiny_dataset, monkeypatch):
@@ -253,9 +323,9 @@ def test_the_datasets_discounted_return_restarts_at_every_episode(tiny_dataset, 
     episodes = list(minari.load_dataset(tiny_dataset[1]).iterate_episodes())
     assert len(episodes) > 1
     to_go = [sum(0.9**k * r for k, r in enumerate(ep.rewards[t:])) for ep in episodes for t in range(len(ep.rewards))]
-    _, info = emaq.load_transitions(tiny_dataset[1], False, "cpu", gamma=0.9)
-    assert info.discounted_return == pytest.approx(np.mean(to_go), rel=1e-9)
-    assert info.mean_return == pytest.approx(np.mean([ep.rewards.sum() for ep in episodes]), rel=1e-6)
+    _, info = emaq.load_dataset(emaq.Args(dataset_id=tiny_dataset[1], download=False, gamma=0.9), "cpu")
+    assert info["discounted_return"] == pytest.approx(np.mean(to_go), rel=1e-9)
+    assert info["dataset_return"] == pytest.approx(np.mean([ep.rewards.sum() for ep in episodes]), rel=1e-6)
 
 
 def test_terminations_stored_as_integers_load_as_booleans(tmp_path, monkeypatch):
@@ -268,7 +338,7 @@ def test_terminations_stored_as_integers_load_as_booleans(tmp_path, monkeypatch)
     episode = dict(observations=obs, actions=np.zeros((3, 3), np.float32), rewards=np.ones(3, np.float32),
                    terminations=np.array([0, 0, 1]), truncations=np.array([0, 0, 0]))
     datasets.write_dataset("local/hopper/ints-v0", [episode], "Hopper-v4", "integer terminations")
-    data, _ = emaq.load_transitions("local/hopper/ints-v0", False, "cpu")
+    data, _ = emaq.load_dataset(emaq.Args(dataset_id="local/hopper/ints-v0", download=False), "cpu")
     assert data["terminated"].dtype == torch.bool and data["terminated"].tolist() == [False, False, True]
     target = data["reward"] + 0.5 * (~data["terminated"]) * 10.0  # as emaq_target bootstraps
     assert target.tolist() == [6.0, 6.0, 1.0]

@@ -4,14 +4,17 @@ on small random MDPs whose behaviour policy mu leaves some actions out.
 The expectation over N actions drawn from mu is computed exactly from order
 statistics: with the actions of a state sorted by Q and F the cumulative
 mass of mu along that order, the best of N draws is the i-th action with
-probability F_i^N - F_(i-1)^N. A brute-force sum over all A^N draws checks it.
+probability F_i^N - F_(i-1)^N. A brute-force sum over all A^N draws checks it,
+and emaq_offline.py's target, with tables for its networks, estimates it.
 """
 
 import itertools
 
 import numpy as np
 import pytest
+import torch
 
+import emaq_offline as emaq
 from tests.tabular import q_of_policy, random_mdp
 
 GAMMA = 0.9
@@ -76,6 +79,31 @@ def test_exact_expected_max_equals_the_sum_over_all_draws():
         for draw in itertools.product(range(A), repeat=n):
             brute += np.prod(mu[:, draw], -1) * Q[:, draw].max(-1)
         np.testing.assert_allclose(expected_max(Q, mu, n), brute, atol=1e-14)
+
+
+class TabularMu:
+    """The behaviour model as a table: N actions drawn independently from mu[s] (s the first feature)."""
+
+    def __init__(self, mu: np.ndarray):
+        self.mu = torch.as_tensor(mu)
+
+    def sample(self, obs, n):
+        return torch.multinomial(self.mu[obs[:, 0].long()], n, replacement=True).unsqueeze(-1).double()  # [B, N, 1]
+
+
+def test_the_scripts_target_is_a_sample_of_the_operator():
+    # emaq_offline.emaq_target with mu and a one-member Q as tables draws N actions per transition; averaged
+    # over 20000 transitions into each s', r + gamma max_i Q(s', a'_i) meets the exact T^N_mu Q of Eq. 5.
+    mu, Q = behaviour(13), np.random.default_rng(14).normal(size=(S, A))
+    table = torch.as_tensor(Q)
+    q_net = lambda obs, action: table[obs[:, 0].long(), action[:, 0].long()][None]  # noqa: E731  [K = 1, B]
+    copies, next_s = 20_000, torch.arange(S).repeat_interleave(20_000)
+    batch = dict(next_obs=next_s[:, None].double(), reward=torch.ones(len(next_s), dtype=torch.float64),
+                 terminated=torch.zeros(len(next_s), dtype=torch.bool))
+    torch.manual_seed(0)
+    for n in (1, 3, 10):  # (gamma E max over 1, 3, 10 draws: 0.08 or more apart in each state; sampling error 0.01)
+        y = emaq.emaq_target(batch, TabularMu(mu), q_net, n, 1.0, GAMMA).view(S, copies).mean(1)
+        np.testing.assert_allclose(y.numpy(), 1 + GAMMA * expected_max(Q, mu, n), atol=0.03)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 50])

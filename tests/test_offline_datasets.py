@@ -13,13 +13,12 @@ import emaq_offline as emaq
 STANDARD = "mujoco/hopper/medium-v0"  # a standard id that is not in the local store
 
 
-def load(script, dataset_id: str, download: bool):
+def load(dataset_id: str, download: bool):
     """The script's own loading path, as its training starts it."""
-    return emaq.load_transitions(dataset_id, download, "cpu")
+    return emaq.load_dataset(emaq.Args(dataset_id=dataset_id, download=download), "cpu")
 
 
-@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
-def test_a_missing_dataset_is_downloaded_by_minari_unless_no_download(script, tiny_dataset, monkeypatch):
+def test_a_missing_dataset_is_downloaded_by_minari_unless_no_download(tiny_dataset, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
     real_loader, calls = minari.load_dataset, []
 
@@ -30,10 +29,10 @@ def test_a_missing_dataset_is_downloaded_by_minari_unless_no_download(script, ti
         return real_loader(tiny_dataset[1])
 
     monkeypatch.setattr(minari, "load_dataset", downloading_loader)
-    load(script, STANDARD, True)
+    load(STANDARD, True)
     assert calls == [(STANDARD, False), (STANDARD, True)]  # the local store first, then Minari's download
-    with pytest.raises(script.UsageError) as error:
-        load(script, STANDARD, False)
+    with pytest.raises(SystemExit) as error:
+        load(STANDARD, False)
     assert calls[-1] == (STANDARD, False)
     assert "--no-download" in str(error.value) and f"minari download {STANDARD}" in str(error.value)
 
@@ -42,9 +41,7 @@ class ConnectError(Exception):
     """Like httpx's ConnectError (what Minari's client raises without a network): not an OSError."""
 
 
-@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
-def test_no_network_is_one_line_naming_the_id_the_download_command_and_a_local_dataset(script, tiny_dataset,
-                                                                                        monkeypatch):
+def test_no_network_is_one_line_naming_the_id_the_download_command_and_a_local_dataset(tiny_dataset, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])
 
     def offline_loader(dataset_id, download=False):
@@ -53,16 +50,15 @@ def test_no_network_is_one_line_naming_the_id_the_download_command_and_a_local_d
         raise ConnectError("[Errno -2] Name or service not known\n(and a traceback's worth of detail)")
 
     monkeypatch.setattr(minari, "load_dataset", offline_loader)
-    with pytest.raises(script.UsageError) as error:
-        load(script, STANDARD, True)
+    with pytest.raises(SystemExit) as error:
+        load(STANDARD, True)
     message = str(error.value)
-    assert "\n" not in message and f"cannot download Minari dataset '{STANDARD}' (ConnectError" in message
-    assert f"minari download {STANDARD}" in message and "--save-dataset" in message
+    assert "\n" not in message and f"error: cannot download Minari dataset '{STANDARD}' (ConnectError" in message
+    assert f"minari download {STANDARD}" in message and "benchmarks/datasets.py" in message
     assert f"local datasets: {tiny_dataset[1]}" in message
 
 
-@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
-def test_evaluation_uses_the_datasets_evaluation_env_and_names_a_missing_package(script):
+def test_evaluation_uses_the_datasets_evaluation_env_and_names_a_missing_package():
     class Dataset:
         def __init__(self, error=None):
             self.error, self.asked = error, []
@@ -74,15 +70,14 @@ def test_evaluation_uses_the_datasets_evaluation_env_and_names_a_missing_package
             return gym.make("InvertedPendulum-v4" if eval_env else "Hopper-v4")
 
     dataset = Dataset()
-    assert script.eval_env_spec(dataset, "D4RL/x/y-v0").id == "InvertedPendulum-v4" and dataset.asked == [True]
+    assert emaq.eval_env_spec(dataset, "D4RL/x/y-v0")[0].id == "InvertedPendulum-v4" and dataset.asked == [True]
     missing = ModuleNotFoundError("No module named 'gymnasium_robotics'", name="gymnasium_robotics")
-    with pytest.raises(script.UsageError, match=r"^D4RL/kitchen/complete-v2 evaluates in an environment of "
-                                                r"gymnasium-robotics: pip install gymnasium-robotics$"):
-        script.eval_env_spec(Dataset(missing), "D4RL/kitchen/complete-v2")
+    with pytest.raises(SystemExit, match=r"^error: D4RL/kitchen/complete-v2 evaluates in an environment of "
+                                         r"gymnasium-robotics: pip install gymnasium-robotics$"):
+        emaq.eval_env_spec(Dataset(missing), "D4RL/kitchen/complete-v2")
 
 
-@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
-def test_dict_observations_flatten_in_the_order_the_evaluation_env_flattens_them(script):
+def test_dict_observations_flatten_in_the_order_the_evaluation_env_flattens_them():
     box = lambda n: gym.spaces.Box(-np.inf, np.inf, (n,), np.float32)  # noqa: E731
     # Kitchen/antmaze-like: nested, and the space's order is not the alphabetical one.
     space = gym.spaces.Dict([("observation", box(3)), ("desired_goal", gym.spaces.Dict([("kettle", box(2)),
@@ -94,14 +89,13 @@ def test_dict_observations_flatten_in_the_order_the_evaluation_env_flattens_them
                               "kettle": np.stack([s["desired_goal"]["kettle"] for s in samples])},
              "observation": np.stack([s["observation"] for s in samples])}
     expected = np.stack([gym.spaces.flatten(space, s) for s in samples])  # what FlattenObservation returns
-    np.testing.assert_array_equal(script.flat_obs(space, batch), expected)
+    np.testing.assert_array_equal(emaq.flat_obs(space, batch), expected)
 
 
-@pytest.mark.parametrize("script", [emaq], ids=["emaq"])
-def test_a_broken_local_dataset_is_not_reported_as_a_network_error(script, monkeypatch):
+def test_a_broken_local_dataset_is_not_reported_as_a_network_error(monkeypatch):
     def broken_loader(dataset_id, download=False):
         raise KeyError("dataset_id")  # e.g. metadata without the key Minari reads
 
     monkeypatch.setattr(minari, "load_dataset", broken_loader)
     with pytest.raises(KeyError):
-        load(script, STANDARD, True)
+        load(STANDARD, True)
