@@ -316,8 +316,8 @@ def test_a_run_killed_inside_an_iteration_resumes_from_its_checkpoint_and_logs_e
     monkeypatch.setattr(run, "WORK", tmp_path / "work")
     started, real_popen = [], subprocess.Popen
     monkeypatch.setattr(run.subprocess, "Popen", lambda *a, **kw: started.append(real_popen(*a, **kw)) or started[-1])
-    flags = ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--steps-per-iteration", "100", "--critic-steps", "150",
-             "--actor-steps", "150", "--batch-size", "32", "--buffer-size", "1000", "--eval-every", "2",
+    flags = ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--steps-per-iteration", "100", "--critic-steps", "60",
+             "--actor-steps", "60", "--batch-size", "32", "--buffer-size", "1000", "--eval-every", "2",
              "--eval-episodes", "1", "--no-cuda"]
     r = dict(key="tiny__QWR-LSE__Hopper-v4__1", script="qwr_continuous.py", args=flags)
     log = tmp_path / "work" / r["key"] / "stdout.log"

@@ -75,7 +75,7 @@ def test_smoke_run_checkpoint_resume_and_eval(script, tmp_path, monkeypatch):
 # and which Python numbers (an optimizer's learning rate) dynamo has seen change and now takes as inputs, so a
 # second compiled run in one process can get other kernels that round otherwise (awr's return_mean differed
 # in the 7th digit after qwr and iq had compiled; with the reset, or in separate processes, it does not).
-SAME_SEED = [(s, c, {}) for s in ("qwr", "awr", "iq") for c in (False, True)]
+SAME_SEED = [(s, False, {}) for s in ("qwr", "awr", "iq")] + [("qwr", True, {})]  # (compiled: one script's worth)
 
 
 @pytest.mark.parametrize("script, compile, flags", SAME_SEED,
