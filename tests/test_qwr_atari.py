@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import qwr_atari as qa
+from helpers import record_env_actions
 
 PONG = qa.Args(env_id="PongNoFrameskip-v4")
 
@@ -340,15 +341,7 @@ def test_extreme_actor_weights_keep_the_loss_and_its_gradient_finite(beta, max_w
 
 
 def test_evaluation_is_greedy_or_samples_from_the_policy(monkeypatch):
-    actions, real = [], qa.make_vec_env
-
-    def recording(args, n, video_folder=None):  # the games, keeping every action they are given
-        envs = real(args, n, video_folder)
-        step = envs.step
-        envs.step = lambda a: actions.append(np.array(a)) or step(a)
-        return envs
-
-    monkeypatch.setattr(qa, "make_vec_env", recording)
+    actions = record_env_actions(qa, monkeypatch)
 
     class Fixed(torch.nn.Module):  # logits that favour action 2 of Pong's 6; the others stay possible
         def forward(self, obs):

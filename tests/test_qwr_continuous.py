@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qwr_continuous as qwr
+from helpers import record_env_actions
 
 
 def rollout_of(rewards, terminated, truncated, obs_dim=1, act_dim=1):
@@ -359,15 +360,7 @@ def test_a_resumed_run_goes_on_from_its_last_iteration_in_the_same_log_with_each
 
 
 def test_evaluation_acts_with_the_mean_of_the_normalised_observation_or_samples_around_it(monkeypatch):
-    actions, seen, real = [], [], qwr.make_vec_env
-
-    def recording(args, n, video_folder=None):  # the envs, keeping every action they are given
-        envs = real(args, n, video_folder)
-        step = envs.step
-        envs.step = lambda a: actions.append(np.array(a)) or step(a)
-        return envs
-
-    monkeypatch.setattr(qwr, "make_vec_env", recording)
+    actions, seen = record_env_actions(qwr, monkeypatch), []
 
     class Half(torch.nn.Module):  # the mean action: half the first normalised observation, in every dimension
         def forward(self, obs):
