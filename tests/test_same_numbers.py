@@ -7,6 +7,7 @@ changes the numbers on purpose, record again and say why in the commit:
     RECORD_REFERENCE=1 python -m pytest tests/test_same_numbers.py
 """
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -30,69 +31,33 @@ def logged(run_dir: Path) -> dict:
     return {tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag not in TIMING}
 
 
-def qwr_online():
-    import qwr_continuous as m
-
-    return m.train, m.Args(env_id="Hopper-v4", total_timesteps=300, steps_per_iteration=100, critic_steps=20,
-                           actor_steps=20, batch_size=32, buffer_size=1000, eval_every=1, eval_episodes=2,
-                           cuda=False, compile=False)
-
-
-def qwr_atari():
-    import qwr_atari as m
-
-    return m.train, m.Args(env_id="PongNoFrameskip-v4", total_timesteps=300, steps_per_iteration=100, critic_steps=5,
-                           actor_steps=5, batch_size=8, buffer_size=500, eval_every=1, eval_episodes=1,
-                           max_episode_steps=40, cuda=False, compile=False)
-
-
-def qwr_offline():
-    import qwr_offline as m
-
-    return m.train, m.Args(dataset_id="mujoco/hopper/local-v0", iterations=3, critic_steps=20, actor_steps=20,
-                           batch_size=32, eval_every=1, eval_episodes=2, cuda=False, compile=False)
-
-
-def awr():
-    import awr_continuous as m
-
-    return m.train, m.Args(env_id="Hopper-v4", total_timesteps=250, samples_per_iteration=100, critic_steps=8,
-                           actor_steps=8, batch_size=32, buffer_size=1000, eval_every=1, eval_episodes=2,
-                           cuda=False, compile=False)
-
-
-def iq():
-    import iq_continuous as m
-
-    return m.train, m.Args(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, eval_every=150,
-                           batch_size=32, buffer_size=1000, eval_episodes=2, cuda=False, compile=False)
-
-
-def emaq():
-    import emaq_offline as m
-
-    return m.train, m.Args(dataset_id="mujoco/hopper/local-v0", mu_steps=30, num_updates=20, eval_every=10,
-                           eval_episodes=1, n_samples=2, num_q=2, q_hidden=32, mu_embed=32, batch_size=16,
-                           cuda=False, compile=False)
-
-
-def bitflip():
-    import bitflip as m
-
-    return m.train, m.Args(algo="qwr", n_bits=6, iterations=3, steps_per_iteration=200, critic_steps=50,
-                           actor_steps=50, batch_size=64, hidden=64, eval_episodes=50)
-
-
-RUNS = {"qwr_continuous": qwr_online, "qwr_atari": qwr_atari, "qwr_offline": qwr_offline, "awr_continuous": awr,
-        "iq_continuous": iq, "emaq_offline": emaq, "bitflip": bitflip}
+HOPPER = dict(env_id="Hopper-v4", batch_size=32, buffer_size=1000, eval_episodes=2, cuda=False, compile=False)
+DATASET = dict(dataset_id="mujoco/hopper/local-v0", cuda=False, compile=False)  # conftest.py's tiny dataset
+# script: the flags of its short run
+RUNS = {
+    "qwr_continuous": HOPPER | dict(total_timesteps=300, steps_per_iteration=100, critic_steps=20, actor_steps=20,
+                                    eval_every=1),
+    "qwr_atari": dict(env_id="PongNoFrameskip-v4", total_timesteps=300, steps_per_iteration=100, critic_steps=5,
+                      actor_steps=5, batch_size=8, buffer_size=500, eval_every=1, eval_episodes=1,
+                      max_episode_steps=40, cuda=False, compile=False),
+    "qwr_offline": DATASET | dict(iterations=3, critic_steps=20, actor_steps=20, batch_size=32, eval_every=1,
+                                  eval_episodes=2),
+    "awr_continuous": HOPPER | dict(total_timesteps=250, samples_per_iteration=100, critic_steps=8, actor_steps=8,
+                                    eval_every=1),
+    "iq_continuous": HOPPER | dict(total_timesteps=300, learning_starts=100, eval_every=150),
+    "emaq_offline": DATASET | dict(mu_steps=30, num_updates=20, eval_every=10, eval_episodes=1, n_samples=2, num_q=2,
+                                   q_hidden=32, mu_embed=32, batch_size=16),
+    "bitflip": dict(algo="qwr", n_bits=6, iterations=3, steps_per_iteration=200, critic_steps=50, actor_steps=50,
+                    batch_size=64, hidden=64, eval_episodes=50),
+}
 
 
 @pytest.mark.parametrize("name", RUNS)
 def test_a_short_run_logs_the_recorded_numbers(name, tmp_path, monkeypatch, tiny_dataset):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", tiny_dataset[0])  # conftest.py: 200 steps of qwr_continuous.py
-    train, args = RUNS[name]()
-    train(args)
+    module = importlib.import_module(name)
+    module.train(module.Args(**RUNS[name]))
     (run_dir,) = Path("runs").iterdir()
     got = logged(run_dir)
     reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {}
