@@ -253,3 +253,28 @@ def test_each_step_gets_a_batch_whose_states_returns_actions_and_weights_belong_
     awr.train(awr.Args(env_id="Hopper-v4", total_timesteps=100, samples_per_iteration=100, critic_steps=3,
                        actor_steps=4, batch_size=8, buffer_size=1000, eval_episodes=0, cuda=False))
     assert seen == ["critic"] * 3 + ["actor"] * 4
+
+
+def test_the_critic_regresses_on_returns_of_the_previous_v_and_the_actor_weighs_with_the_new_one(tmp_path,
+                                                                                                 monkeypatch):
+    # Alg. 1 and the authors' code: the TD(lambda) returns the critic regresses on are computed once, with the
+    # V of the previous iteration, before its steps; the advantages are computed again after them, with the new V.
+    monkeypatch.chdir(tmp_path)
+    order, real_returns, real_critic, real_actor = [], awr.buffer_returns, awr.critic_step, awr.actor_step
+
+    def returns(args, buffer, critic, obs_norm):
+        order.append(("returns", critic.net[-1].bias.item()))
+        return real_returns(args, buffer, critic, obs_norm)
+
+    def critic_step(args, critic, *rest):
+        order.append("critic")
+        with torch.no_grad():
+            critic.net[-1].bias += 1.0  # each step moves V, so the returns show which V they were made with
+        return real_critic(args, critic, *rest)
+
+    monkeypatch.setattr(awr, "buffer_returns", returns)
+    monkeypatch.setattr(awr, "critic_step", critic_step)
+    monkeypatch.setattr(awr, "actor_step", lambda *a: order.append("actor") or real_actor(*a))
+    awr.train(awr.Args(env_id="Hopper-v4", total_timesteps=100, samples_per_iteration=100, critic_steps=2,
+                       actor_steps=2, batch_size=8, buffer_size=1000, critic_lr=0.0, eval_episodes=0, cuda=False))
+    assert order == [("returns", 0.0), "critic", "critic", ("returns", 2.0), "actor", "actor"]
