@@ -217,6 +217,39 @@ def check_args(args: Args) -> None:
             raise SystemExit(f"error: {message}")
 
 
+def lambda_returns(args: Args, net, b: dict) -> torch.Tensor:
+    """TD(lambda) targets of the slices b, bootstrapping with net at s': V(s') for AWR, QWR's backup of
+    Q(s', .) under the stored mu at s' (a game's end is terminal: no time limit to bootstrap through)."""
+    q = net(b["next_obs"])
+    boot = backup_values(q, b["next_mu"], args.backup, args.tau) if args.algo == "qwr" else q.squeeze(-1)
+    return td_lambda_targets(b["reward"], boot, b["terminated"], b["terminated"], args.gamma, args.td_lambda)
+
+
+def critic_loss_of(args: Args, b: dict, critic, target) -> torch.Tensor:
+    """Alg. 1 l.8 / Alg. 2 l.13-14: (Q(s, a) or V(s) - y)^2, y the target network's TD(lambda) targets."""
+    with torch.no_grad():
+        y = lambda_returns(args, target, b)
+    pred = critic(b["obs"])
+    pred = pred.gather(-1, b["action"][:, None]).squeeze(-1) if args.algo == "qwr" else pred.squeeze(-1)
+    return (pred - y).pow(2).mean()
+
+
+def actor_loss_of(args: Args, b: dict, actor, critic) -> torch.Tensor:
+    """Alg. 1 l.12-13 / Alg. 2 l.19-21 with the online critic: QWR weighs every action by mu and
+    exp(A / beta), A = Q(s, a) - E_mu Q(s, .); AWR weighs the buffer's action, A = R(s, a) - V(s)."""
+    with torch.no_grad():
+        if args.algo == "qwr":
+            q = critic(b["obs"])
+            weights = normalized_weights(q - (b["mu"] * q).sum(-1, keepdim=True), args.beta, args.max_weight)
+        else:
+            adv = lambda_returns(args, critic, b) - critic(b["obs"]).squeeze(-1)
+            weights = normalized_weights(adv, args.beta, args.max_weight)
+    logits = actor(b["obs"])
+    if args.algo == "qwr":
+        return qwr_actor_loss(logits, b["mu"], weights)
+    return awr_actor_loss(logits, b["action"], weights)
+
+
 def train(args: Args) -> dict:
     """Trains one agent under Fig. 1's protocol; returns its metrics."""
     check_args(args)
@@ -240,14 +273,6 @@ def train(args: Args) -> dict:
 
         writer = SummaryWriter(f"runs/BitFlip-{n}__{args.algo}__{args.seed}__{int(time.time())}")
 
-    def state_value(net, obs, mu):
-        """V(s): the critic's value, or QWR's backup of Q(s, .) under mu."""
-        return backup_values(net(obs), mu, args.backup, args.tau) if qwr else net(obs).squeeze(-1)
-
-    def lambda_returns(net, b):
-        boot = state_value(net, b["next_obs"], b["next_mu"])
-        return td_lambda_targets(b["reward"], boot, b["terminated"], b["terminated"], args.gamma, args.td_lambda)
-
     critic_loss = actor_loss = torch.tensor(float("nan"))  # (with --critic-steps or --actor-steps 0)
     start = time.time()
     for iteration in range(args.iterations):  # Alg. 1-2 l.4
@@ -258,30 +283,13 @@ def train(args: Args) -> dict:
         for i in range(args.critic_steps):  # Alg. 1 l.6-9 / Alg. 2 l.6-15
             if i % args.target_update_every == 0:
                 target.load_state_dict(critic.state_dict())
-            b = buffer.sample(args.batch_size, args.n_steps)
-            with torch.no_grad():
-                y = lambda_returns(target, b)
-            pred = critic(b["obs"])
-            pred = pred.gather(-1, b["action"][:, None]).squeeze(-1) if qwr else pred.squeeze(-1)
-            critic_loss = (pred - y).pow(2).mean()
+            critic_loss = critic_loss_of(args, buffer.sample(args.batch_size, args.n_steps), critic, target)
             critic_opt.zero_grad()
             critic_loss.backward()
             critic_opt.step()
 
         for _ in range(args.actor_steps):  # Alg. 1 l.10-14 / Alg. 2 l.16-22
-            b = buffer.sample(args.batch_size, args.n_steps)
-            with torch.no_grad():
-                if qwr:  # A(s, a) = Q(s, a) - E_mu Q(s, .), for every action
-                    q = critic(b["obs"])
-                    weights = normalized_weights(q - (b["mu"] * q).sum(-1, keepdim=True), args.beta, args.max_weight)
-                else:  # A(s, a) = R(s, a) - V(s), for the buffer's action only
-                    adv = lambda_returns(critic, b) - critic(b["obs"]).squeeze(-1)
-                    weights = normalized_weights(adv, args.beta, args.max_weight)
-            logits = actor(b["obs"])
-            if qwr:
-                actor_loss = qwr_actor_loss(logits, b["mu"], weights)
-            else:
-                actor_loss = awr_actor_loss(logits, b["action"], weights)
+            actor_loss = actor_loss_of(args, buffer.sample(args.batch_size, args.n_steps), actor, critic)
             actor_opt.zero_grad()
             actor_loss.backward()
             actor_opt.step()

@@ -279,3 +279,48 @@ def test_bad_input_is_a_one_line_error():
         bf.train(bf.Args(steps_per_iteration=999))
     with pytest.raises(SystemExit, match="error: --n-bits must be >= 1"):
         bf.train(bf.Args(n_bits=0))
+
+
+class TableNet(torch.nn.Module):
+    """values[state id]: a stub network whose "observation" is the state's id (s = 0, s' = 1)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.nn.Parameter(torch.tensor(values))
+
+    def forward(self, obs):
+        return self.values[obs[..., 0].long()]
+
+
+def one_step(mu, next_mu, terminated=False):
+    """A batch of one step s -> s' (T = 1) with action 0, reward 1, mu at s and at s' as given."""
+    return dict(obs=torch.tensor([[0.0]]), action=torch.tensor([0]), mu=torch.tensor([mu]),
+                reward=torch.tensor([[1.0]]), terminated=torch.tensor([[terminated]]),
+                next_obs=torch.tensor([[[1.0]]]), next_mu=torch.tensor([[next_mu]]))
+
+
+def test_the_critic_regresses_q_of_the_action_taken_on_the_target_networks_backup_at_s_prime_under_mu_there():
+    args = bf.Args(algo="qwr", backup="mean", gamma=0.5, n_steps=1)
+    # Online Q(s, .) = (1, 2), Q(s', .) = (10, 20); target Q(s, .) = (3, 4), Q(s', .) = (30, 40); mu at s' = (.25, .75):
+    # y = 1 + .5 (.25 * 30 + .75 * 40) = 19.75. (Online: 1 + .5 * 17.5 = 9.75; mu at s (1, 0): 16; s for s': 2.875.)
+    critic, target = TableNet([[1.0, 2.0], [10.0, 20.0]]), TableNet([[3.0, 4.0], [30.0, 40.0]])
+    loss = bf.critic_loss_of(args, one_step(mu=[1.0, 0.0], next_mu=[0.25, 0.75]), critic, target)
+    assert loss.item() == pytest.approx((1.0 - 19.75) ** 2)
+    # AWR: V(s) = critic(s), y = 1 + .5 V_target(s') with V_target(s') = 30 (a one-output table).
+    awr_args = bf.Args(algo="awr", gamma=0.5, n_steps=1)
+    v, v_target = TableNet([[1.0], [10.0]]), TableNet([[3.0], [30.0]])
+    assert bf.critic_loss_of(awr_args, one_step([1.0, 0.0], [0.25, 0.75]), v, v_target).item() == (1 - 16.0) ** 2
+    # At the end of a game nothing is bootstrapped: y = r = 1.
+    assert bf.critic_loss_of(args, one_step([1.0, 0.0], [0.25, 0.75], True), critic, target).item() == 0.0
+
+
+def test_the_qwr_actor_weighs_every_action_by_mu_at_s_and_the_online_critics_advantage_at_s():
+    args = bf.Args(algo="qwr", beta=1.0, max_weight=20.0)
+    # Q(s, .) = (0, 2) online at s; the actor's logits at s are (0, 0). With mu(s) = (.8, .2): V_mu = .4,
+    # A = (-.4, 1.6) normalised over the two: (-1, 1), w = (1/e, e); loss = -(.8/e ln .5 + .2 e ln .5).
+    critic, actor = TableNet([[0.0, 2.0], [2.0, 0.0]]), TableNet([[0.0, 0.0], [0.0, 0.0]])
+    loss = bf.actor_loss_of(args, one_step(mu=[0.8, 0.2], next_mu=[0.2, 0.8]), actor, critic).item()
+    assert loss == pytest.approx(-(0.8 / math.e + 0.2 * math.e) * math.log(0.5), rel=1e-4)
+    # The wrong wirings give other losses: mu at s' (.2, .8): -(.2/e + .8 e) ln .5; Q at s' (2, 0): -(.8 e + .2/e) ln .5.
+    for wrong in (0.2 / math.e + 0.8 * math.e, 0.8 * math.e + 0.2 / math.e):
+        assert abs(loss + wrong * math.log(0.5)) > 0.1
