@@ -53,7 +53,7 @@ class Args:
     # The paper gives no learning rate for BitFlip; 1e-2 is the authors' (Trax) discrete-action AWR setting.
     # Fig. 1's collapse of AWR shows only with it: at Table 4's MuJoCo rates (1e-4 and 5e-4) the networks do
     # not memorise the buffer in 3000 steps, the condition Appendix 6.2 names for AWR's failure. The sweep
-    # (benchmarks/bitflip_sweep.py) runs both; README, BitFlip.
+    # (benchmarks/bitflip_sweep.py) runs both; docs/bitflip.md.
     actor_lr: float = 1e-2  # Adam learning rate of the actor
     target_update_every: int = 100  # critic steps between copies of the critic into its target
     gamma: float = 0.99  # discount factor

@@ -128,7 +128,7 @@ def load_dataset(args: Args, device) -> tuple[dict, gym.envs.registration.EnvSpe
         where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
         raise SystemExit(f"error: no Minari dataset {args.dataset_id!r} in {where} ({type(e).__name__}: "
                          f"{str(e).strip()[:150]}); get it with `minari download {args.dataset_id}`, or make one "
-                         f"with benchmarks/datasets.py (README: offline)")
+                         f"with benchmarks/datasets.py (docs/qwr_offline.md)")
     parts = {k: [] for k in ("obs", "next_obs", "action", "next_mu_mean", "reward", "terminated", "episode_end")}
     for ep in dataset.iterate_episodes():
         n, obs = len(ep.rewards), np.asarray(ep.observations, np.float32)

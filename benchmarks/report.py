@@ -397,10 +397,11 @@ def diagnostics_report(runs: list[dict]) -> str:
              "Written by benchmarks/report.py from the runs' TensorBoard logs. The diagnostics are those of "
              "the actor's last batch of the iteration that ends at the evaluation (qwr_continuous.py, "
              "`actor_step`): the fraction of policy means at or past the action bounds, and the std over "
-             "the k sampled actions of one state of Q and of the advantage weights, averaged over states. "
+             "the k sampled actions of one state of Q and of the advantage weights, averaged over states "
+             "(the two spreads: runs made before the scripts' minimal rewrite, which dropped them). "
              "Runs logged between bb3b27d and 6f04b38 show no at-bound fraction: a bug made it read 0 "
-             "(README, Results).", ""]
-    logged = [r for r in runs if "diagnostics/q_spread" in r["diagnostics"] and not offline_dataset(r["hp"])]
+             "(docs/results.md).", ""]
+    logged = [r for r in runs if "diagnostics/mean_at_bound_fraction" in r["diagnostics"] and not offline_dataset(r["hp"])]
     for r in sorted(logged, key=lambda r: (r["grid"], r["env"], r["method"], r["seed"])):
         d = r["diagnostics"]
         lines += [f"## {r['method']}, {r['env']}, seed {r['seed']}{'' if r['finished'] else ' (not finished)'}",

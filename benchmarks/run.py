@@ -60,14 +60,14 @@ ATARI = ["BoxingNoFrameskip-v4", "BreakoutNoFrameskip-v4", "FreewayNoFrameskip-v
          "GopherNoFrameskip-v4", "PongNoFrameskip-v4", "SeaquestNoFrameskip-v4"]
 QWR_1M = ["--total-timesteps", "1000000", "--tau", "1.0", "--backup-scale", "std"]  # Appendix 6.1
 IQ_100K = ["--total-timesteps", "100000"]
-DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # see README: offline workflow
-# EMaQ's N-effect (Fig. 1) at a size this CPU finishes (README: "EMaQ's N on a CPU"): Pendulum-v1 datasets made by
+DATASETS = ["local/hopper/qwr-replay-v0", "local/hopper/qwr-medium-v0"]  # docs/qwr_offline.md: datasets
+# EMaQ's N-effect (Fig. 1) at a size this CPU finishes (docs/emaq_offline.md): Pendulum-v1 datasets made by
 # qwr_continuous.py, a medium policy's episodes and a training run's replay; 4 Q-networks, narrow networks (64 units),
 # batch 100 as in Appendix G.2, 60K updates (Q's mean is within a few % of where it settles).
 DATASETS_N = ["local/pendulum/qwr-medium-v0", "local/pendulum/qwr-replay-v0"]
 EMAQ_N = ["--num-q", "4", "--q-hidden", "64", "--mu-embed", "64", "--mu-hidden", "64", "--batch-size", "100",
           "--mu-steps", "5000", "--num-updates", "60000", "--eval-every", "5000", "--no-download"]
-# The authors' whole system (Trax code, issue: the README's command reproduces Table 1): the env gets the sampled
+# The authors' whole system (Trax code; docs/results.md, the pilot): the env gets the sampled
 # action unclipped, gradient norms clipped at 50, the critic's last layer starts at U(+-0.01).
 AUTHORS = ["--clip-actions", "none", "--max-grad-norm", "50", "--critic-head-init", "0.01"]
 # The authors' later Trax configuration of QWR (critic lr 1e-3, target synced every 50 critic steps, 100K buffer).
@@ -103,9 +103,9 @@ GRIDS = {
          ["--backup", "lse", *AUTHORS, "--env-kwargs", "include_cfrc_ext_in_observation", "False"], ["Humanoid-v5"]),
         ("QWR-LSE (authors' system, obs clip 10)", "qwr_continuous.py", ["--backup", "lse", *AUTHORS, "--obs-clip", "10"],
          ["Humanoid-v4"]),
-        # Humanoid-v4's contact forces normalise to hundreds of stds without a clip (README, Table 1).
+        # Humanoid-v4's contact forces normalise to hundreds of stds without a clip (docs/results.md).
         ("QWR-LSE (obs clip 10)", "qwr_continuous.py", ["--backup", "lse", "--obs-clip", "10"], ["Humanoid-v4"]),
-        # Before a644921 the critic clipped its action input; Walker2d's seeds then scored higher (README, Table 1).
+        # The critic given the clipped action: Walker2d's seeds scored higher (docs/results.md).
         ("QWR-LSE (critic clips actions)", "qwr_continuous.py", ["--backup", "lse", "--clip-actions", "both"],
          ["Walker2d-v4"]),
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),

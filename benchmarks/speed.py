@@ -1,7 +1,7 @@
 """How fast each script's training iteration runs here, eager and compiled, against the machine's limit.
 
     python benchmarks/speed.py                      # every script that has --compile, on this machine
-    python benchmarks/speed.py --readme README.md   # and rewrite the README's speed block
+    python benchmarks/speed.py --readme docs/speed.md   # and rewrite the speed block there
 
 For each script, in one process: the seconds one training iteration takes (its environment steps
 and its gradient steps, as `train` runs them; evaluation not included) eager and through
@@ -10,7 +10,7 @@ gradient steps per second; and the fraction of the machine they use: their float
 operations per second (counted with torch's FlopCounterMode on one eager step) over the FLOP/s
 of large float32 matrix multiplies, measured in the same run with the same threads. Writes
 benchmarks/results/speed-cpu.md (or speed-cuda.md) with the date and the machine, and with --readme
-the README's block for that device.
+the block for that device in the file --readme names (docs/speed.md).
 """
 
 import argparse
