@@ -20,6 +20,7 @@ import copy
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -63,9 +64,8 @@ class Args:
     td_lambda: float = 0.95  # lambda of the truncated TD(lambda) mix of the 1..T-step targets (Eq. 13)
     gamma: float = 0.99  # discount factor
     critic_head_init: float = 0.0  # Q's last layer starts at U(+-this) (authors' config: 0.01); 0: PyTorch's init
-    # Who clips a sampled action to the bounds: "env" executes and charges the clipped action, the critic sees the
-    # sampled one; "none" (the authors' system) gives the sampled one to both: MuJoCo clamps the control, the
-    # control cost is charged on the action given; "both": env and critic get the clipped action.
+    # Who clips a sampled action: "env" (the env executes and charges it clipped, the critic sees it sampled), "none"
+    # (the authors': both get it sampled; MuJoCo clamps the control, charging the action given), "both" (both clipped)
     clip_actions: Literal["env", "none", "both"] = "env"
     # Actor (Eq. 3) and observations
     beta: float = 1.0  # temperature of the advantage weights exp(A / beta)
@@ -143,6 +143,7 @@ def advantage_weights(q: torch.Tensor, beta: float, max_weight: float) -> torch.
 def make_env(args: Args, video_folder: Optional[str] = None) -> gym.Env:
     env = gym.make(args.env_id, render_mode="rgb_array" if video_folder else None, **args.env_kwargs)
     if video_folder:
+        os.environ.setdefault("MUJOCO_GL", "egl" if sys.platform == "linux" else "glfw")  # render without a screen
         env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep == 0, disable_logger=True)
     # The policy's Gaussian samples can leave the action bounds. The authors' code passed them on to gym's
     # MuJoCo envs, which clamp the control but charge the control cost on the action given (--clip-actions none).
@@ -369,7 +370,6 @@ def train(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    os.environ.setdefault("MUJOCO_GL", "egl")  # render videos without a screen
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     envs = make_vec_env(args, args.num_envs)
     obs_dim, act_dim = envs.single_observation_space.shape[0], action_space.shape[0]
