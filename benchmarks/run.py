@@ -108,6 +108,9 @@ GRIDS = {
         # The critic given the clipped action: Walker2d's seeds scored higher (docs/results.md).
         ("QWR-LSE (critic clips actions)", "qwr_continuous.py", ["--backup", "lse", "--clip-actions", "both"],
          ["Walker2d-v4"]),
+        # The two together, a candidate for the defaults (issue: Table 1 from the default command).
+        ("QWR-LSE (critic clips actions, obs clip 10)", "qwr_continuous.py",
+         ["--backup", "lse", "--clip-actions", "both", "--obs-clip", "10"], MUJOCO),
         ("QWR-MAX", "qwr_continuous.py", ["--backup", "max"], MUJOCO),
         ("QWR-AVG", "qwr_continuous.py", ["--backup", "mean"], MUJOCO),
         ("AWR", "awr_continuous.py", [], MUJOCO),

@@ -59,8 +59,7 @@ def test_a_script_sigkilled_inside_its_job_finishes_from_its_checkpoint(grid_dir
     while not ((work / "stdout.log").is_file() and "iter 2/" in (work / "stdout.log").read_text()):
         assert time.time() < deadline and not job.done(), "the run never reached its second iteration"
         time.sleep(0.05)
-    time.sleep(0.3)  # into iteration 3, after the checkpoint of iteration 2
-    os.kill(int((work / "pid").read_text()), signal.SIGKILL)
+    os.kill(int((work / "pid").read_text()), signal.SIGKILL)  # after iteration 2's checkpoint (the print follows it)
     assert job.result()[1] == 0 and "starting it again from its checkpoint" in job.stdout()
     assert json.loads((grid_dirs / "results" / "done" / f"{r['key']}.json").read_text())["resumed"]
     [run_dir] = list((grid_dirs / "results" / "runs").iterdir())  # one log directory
