@@ -76,9 +76,11 @@ def method_of(hp: dict) -> str:
         setting = (hp.get("q_hidden", "750"), hp.get("mu_embed", "750"), hp.get("num_updates", "1000000"))
         table3 = (hp.get("q_layers"), hp.get("num_q"), hp.get("n_bins"), setting) == ("4", "16", "80",
                                                                                      ("256", "256", "1000000"))
+        # The K = 4 runs use Appendix G.2's batch of 100; another batch is named.
+        batch = f", batch {hp['batch_size']}" if hp.get("num_q", "8") != "8" and hp.get("batch_size", "100") != "100" else ""
         small = ("" if setting == ("750", "750", "1000000") else " (Table 3)" if table3
-                 else " ({}Q {}, mu {} units, {} updates)".format(
-                     "" if hp.get("num_q", "8") == "8" else f"K {hp['num_q']}, ", *setting))
+                 else " ({}Q {}, mu {} units, {} updates{})".format(
+                     "" if hp.get("num_q", "8") == "8" else f"K {hp['num_q']}, ", *setting, batch))
         return f"EMaQ N={hp.get('n_samples', '?')}{small}"  # Table 2's setting has no suffix
     return {"awr_continuous": "AWR"}.get(script, script)
 
@@ -269,6 +271,11 @@ def plot_grid(grid: str, runs: list[dict], out: Path, paper: dict) -> None:
     plt.close(fig)
 
 
+def short_name(method: str) -> str:
+    """A grid method's short name: "EMaQ N=10 (K 4, ..., batch 256)" -> "EMaQ N=10, batch 256"."""
+    return method.split(" (")[0] + ("".join(f", {p}" for p in method.rstrip(")").split(", ") if p.startswith("batch")))
+
+
 def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
     """EMaQ's N (Fig. 1) on the emaq-n grid's datasets: the final return against N, beside the dataset,
     mu alone and offline QWR; and Q's mean against the dataset's discounted returns."""
@@ -277,12 +284,15 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from run import DATASETS_N, GRIDS
+    from run import DATASETS_N, DATASETS_N_V0, GRIDS
 
     methods = [m for m, _, _, _ in GRIDS["emaq-n"]]
-    ns = [int(m.split("=")[1].split()[0]) for m in methods if m.startswith("EMaQ")]
-    done = [r for r in runs if r["env"] in DATASETS_N and r["method"] in methods and r["finished"]]
-    if not done:
+    sweep = [m for m in methods if m.startswith("EMaQ") and "batch" not in m]  # N's sweep, then the others
+    methods = [*sweep, *(m for m in methods if m not in sweep)]
+    ns = [int(m.split("=")[1].split()[0]) for m in sweep]
+    done = [r for r in runs if r["method"] in methods and r["finished"]]
+    datasets = [d for d in [*DATASETS_N, *DATASETS_N_V0] if any(r["env"] == d for r in done)]
+    if not datasets:
         return []
     cell = lambda values: f"{median_iqr(values)} ({len(values)})" if values else "–"  # noqa: E731
     lines = ["### EMaQ's N (Fig. 1) on a CPU: Pendulum-v1 datasets made by qwr_continuous.py", "",
@@ -290,14 +300,12 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
              "μ alone is the behaviour model's own policy (EMaQ's N = 1 policy) before the Q loop. For scale: "
              + ", ".join(f"{k} {v:.0f}" for k, v in reference_returns("Pendulum-v1").items()) + " (10 episodes).", "",
              "| dataset | dataset: mean episode return | μ alone | "
-             + " | ".join(f"EMaQ N={n}" for n in ns) + " | QWR-LSE offline |", "|---" * (4 + len(ns)) + "|"]
-    fig, axes = plt.subplots(2, len(DATASETS_N), figsize=(5.5 * len(DATASETS_N), 7), squeeze=False)
-    for col, dataset in enumerate(DATASETS_N):
+             + " | ".join(f"EMaQ N={n}" for n in ns) + " | " + " | ".join(short_name(m) for m in methods[len(ns):]) + " |",
+             "|---" * (3 + len(methods)) + "|"]
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7), squeeze=False)
+    for col, dataset in enumerate(datasets):
         of = {m: [r for r in done if r["env"] == dataset and r["method"] == m] for m in methods}
-        if not any(of.values()):
-            axes[0][col].set_visible(False), axes[1][col].set_visible(False)
-            continue
-        emaq_runs = [r for m in methods if m.startswith("EMaQ") for r in of[m]]
+        emaq_runs = [r for m in sweep for r in of[m]]
         # mu is fitted before N plays a part: one per seed, the same in each of that seed's runs.
         mu = list({r["seed"]: r["behavior_return"] for r in emaq_runs if r["behavior_return"] is not None}.values())
         data = next((r["dataset_return"] for r in emaq_runs if r["dataset_return"] is not None), None)
@@ -321,7 +329,7 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
             curves = [dict(r["q_curve"]) for r in of[m] if r["q_curve"]]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
-                ax.plot(steps, np.median([[c[s] for s in steps] for c in curves], 0), label=m.split(" (")[0])
+                ax.plot(steps, np.median([[c[s] for s in steps] for c in curves], 0), label=short_name(m))
         scale = next((r["discounted_return"] for r in emaq_runs if r["discounted_return"] is not None), None)
         if scale is not None:
             ax.axhline(scale, ls="--", color="grey", label="dataset's discounted return to go")

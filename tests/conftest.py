@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Minari dataset that the offline scripts' tests read; the cuda marker:
 CUDA checks run where a GPU is present and are skipped, saying so, where not."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import qwr_continuous
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import datasets  # noqa: E402  (benchmarks/datasets.py)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: one torch thread per worker, as many workers as cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,10 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
         "qwr-table1__QWR-LSE__Hopper-v4__1", "qwr-table1__QWR-LSE__Hopper-v4__2",
         "qwr-table1__AWR__Hopper-v4__1", "qwr-table1__AWR__Hopper-v4__2"]
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
-    # methods x envs x seeds; the authors' system on every env; the Trax configuration on Hopper, the authors' system
-    # with each observation of Humanoid, clipped observations on Humanoid, the clipping critic on Walker2d
-    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 4 * 5 + 5 + 5 + 5 + 5 + 5
+    # methods x envs x seeds; the authors' system and the clipping critic with clipped observations on every env; the
+    # Trax configuration on Hopper, the authors' system with each observation of Humanoid, clipped observations on
+    # Humanoid, the clipping critic on Walker2d
+    assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 2 * 4 * 5 + 5 + 5 + 5 + 5 + 5
     clip = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (obs clip 10)"])
     assert [r["env"] for r in clip] == ["Humanoid-v4"] and clip[0]["args"][-4:] == ["--backup", "lse", "--obs-clip", "10"]
     clipping = run.runs_of("qwr-table1", [3], None, ["QWR-LSE (critic clips actions)"])
@@ -281,8 +282,9 @@ def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_
     fake_run(tmp_path / "runs", "qwr", qwr, [(30, -300.0)])
     lines = report.n_effect_section("", report.collect_runs(tmp_path / "runs"))
     row = next(line for line in lines if line.startswith(f"| {run.DATASETS_N[0]} "))
-    # mu alone once per seed (2); N = 1 over its two seeds; N = 5 and 10 not run.
-    assert row == f"| {run.DATASETS_N[0]} | -776 | -756 ± 0 (2) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) |"
+    # mu alone once per seed (2); N = 1 over its two seeds; N = 5 and 10 not run; nor N = 10 at batch 256.
+    assert row == f"| {run.DATASETS_N[0]} | -776 | -756 ± 0 (2) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) | – |"
+    assert "| EMaQ N=50 | QWR-LSE offline | EMaQ N=10, batch 256 |" in "\n".join(lines)
     assert (tmp_path / "emaq-n.png").is_file()
 
 

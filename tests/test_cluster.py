@@ -1,6 +1,6 @@
 """benchmarks/run.py's grids through submitit (real submitit, its local executor): a tiny grid
-submitted, finished, copied into the results and reported; a run whose script is SIGKILLed inside
-its job finishing from its checkpoint; and the sbatch script submitit writes for SLURM, read
+submitted, finished (one run's script SIGKILLed inside its job, finishing from its checkpoint),
+copied into the results and reported; and the sbatch script submitit writes for SLURM, read
 from a stand-in `sbatch` (no cluster here)."""
 
 import argparse
@@ -41,31 +41,27 @@ def tiny_run(seed: int, steps: int) -> dict:
                 args=[*TINY, "--total-timesteps", str(steps), "--seed", str(seed)])
 
 
-def test_a_tiny_grid_through_submitits_local_executor_is_finished_copied_and_reported(grid_dirs):
-    jobs = run.submit([tiny_run(1, 200), tiny_run(2, 200)], options())
-    assert [j.result()[1] for j in jobs] == [0, 0]
-    done = sorted(p.name for p in (grid_dirs / "results" / "done").iterdir())
-    assert done == ["tiny__QWR-LSE__Hopper-v4__1.json", "tiny__QWR-LSE__Hopper-v4__2.json"]
-    runs = report.collect_runs(grid_dirs / "results" / "runs")
-    assert sorted((r["seed"], r["finished"], r["curve"][-1][0]) for r in runs) == [(1, True, 200), (2, True, 200)]
-    assert list((grid_dirs / "work" / "submitit").glob("*_log.out"))  # submitit's logs beside the runs
-
-
-def test_a_script_sigkilled_inside_its_job_finishes_from_its_checkpoint(grid_dirs):
-    r = tiny_run(1, 400)
-    [job] = run.submit([r], options())
-    work = grid_dirs / "work" / r["key"]
+def test_a_tiny_grid_through_submitits_local_executor_finishes_a_sigkilled_run_from_its_checkpoint(grid_dirs):
+    # Two runs in one submission; the script of the first is SIGKILLed inside its job after its second iteration.
+    killed, whole = tiny_run(1, 400), tiny_run(2, 200)
+    jobs = run.submit([killed, whole], options())
+    work = grid_dirs / "work" / killed["key"]
     deadline = time.time() + 300
     while not ((work / "stdout.log").is_file() and "iter 2/" in (work / "stdout.log").read_text()):
-        assert time.time() < deadline and not job.done(), "the run never reached its second iteration"
+        assert time.time() < deadline and not jobs[0].done(), "the run never reached its second iteration"
         time.sleep(0.05)
     os.kill(int((work / "pid").read_text()), signal.SIGKILL)  # after iteration 2's checkpoint (the print follows it)
-    assert job.result()[1] == 0 and "starting it again from its checkpoint" in job.stdout()
-    assert json.loads((grid_dirs / "results" / "done" / f"{r['key']}.json").read_text())["resumed"]
-    [run_dir] = list((grid_dirs / "results" / "runs").iterdir())  # one log directory
-    acc = EventAccumulator(str(run_dir))
+    assert [j.result()[1] for j in jobs] == [0, 0] and "starting it again from its checkpoint" in jobs[0].stdout()
+    done = grid_dirs / "results" / "done"
+    assert sorted(p.name for p in done.iterdir()) == [f"{killed['key']}.json", f"{whole['key']}.json"]
+    assert json.loads((done / f"{killed['key']}.json").read_text())["resumed"]
+    runs = report.collect_runs(grid_dirs / "results" / "runs")  # copied into the results, one log directory each
+    assert sorted((r["seed"], r["finished"], r["curve"][-1][0]) for r in runs) == [(1, True, 400), (2, True, 200)]
+    [killed_dir] = (grid_dirs / "results" / "runs").glob("*__1__*")
+    acc = EventAccumulator(str(killed_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("charts/SPS")] == [100, 200, 300, 400]  # each step once
+    assert list((grid_dirs / "work" / "submitit").glob("*_log.out"))  # submitit's logs beside the runs
 
 
 def test_the_sbatch_script_for_a_grid_names_the_partition_time_and_resources(grid_dirs, monkeypatch, capsys):

@@ -327,12 +327,12 @@ def test_extreme_settings_keep_every_loss_finite(flags):
 
 def test_compiled_updates_give_the_eager_losses():
     # Three critic and three actor steps from the same seed and the same batches, eager and through
-    # torch.compile (--compile). The kernels differ (fused, reordered float32 sums), so the numbers agree
-    # to float32 rounding (measured: relative differences below 1e-5), not bit for bit.
+    # torch.compile (--compile): what dynamo captures of the steps (graph breaks, the optimiser, the
+    # random draws from the stored mu), with the aot_eager backend. Inductor's kernels take about a
+    # minute to build on 2 CPU cores; tests/test_cuda.py compares them with eager steps on a GPU.
     args, buf = qwr.Args(max_grad_norm=50.0, critic_head_init=0.01), random_buffer(5, 2)
-    torch._inductor.config.fallback_random = True
     eager = updates(args, buf, 3)
-    fast = updates(args, buf, 3, (torch.compile(qwr.critic_step), torch.compile(qwr.actor_step)))
+    fast = updates(args, buf, 3, [torch.compile(f, backend="aot_eager") for f in (qwr.critic_step, qwr.actor_step)])
     assert fast.tolist() == pytest.approx(eager.tolist(), rel=1e-4, abs=1e-6)
 
 
