@@ -242,7 +242,7 @@ def launch(run: dict, threads: int, work_root: Optional[Path] = None, results: O
     if rc == 0:
         # Everything the run wrote but its checkpoints (TensorBoard logs, the BitFlip sweep's files).
         shutil.copytree(work, RESULTS, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.pt", "*.tmp", "stdout.log", "lock"))
+                        ignore=shutil.ignore_patterns("*.pt", "*.tmp", "stdout.log", "lock", "pid"))
         shutil.copy2(work / "stdout.log", RESULTS / "logs" / f"{run['key']}.log")
         marker = dict(command=" ".join(["python", run["script"], *run["args"]]), wall_seconds=round(wall, 1),
                       finished=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),

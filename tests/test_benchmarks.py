@@ -347,3 +347,4 @@ def test_a_run_killed_inside_an_iteration_resumes_from_its_checkpoint_and_logs_e
     late = [e for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag) if e.step > 100 * done_iterations]
     assert late and all(e.wall_time >= relaunched for e in late)
     assert json.loads((tmp_path / "done" / f"{r['key']}.json").read_text())["resumed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "logs", "runs", "work"]  # no lock, pid or log
