@@ -434,8 +434,13 @@ def report(prefix: str, runs: list[dict] | None = None) -> str:
         dates = sorted(m["finished"][:10] for m in markers)
         machines = sorted({m["machine"] for m in markers})
         lines += [f"Runs finished {dates[0]} to {dates[-1]} on: {'; '.join(machines)}.", ""]
+    from run import DATASETS_N, DATASETS_N_V0
+
     for grid in sorted({r["grid"] for r in runs}):
-        grid_runs = [r for r in runs if r["grid"] == grid]
+        # (the emaq-n grid's Pendulum runs have a table of their own: n_effect_section)
+        grid_runs = [r for r in runs if r["grid"] == grid and r["env"] not in (*DATASETS_N, *DATASETS_N_V0)]
+        if not grid_runs:
+            continue
         offline = grid == "emaq"  # compared with the dataset, not a paper's number
         lines += [f"### {GRID_TITLES.get(grid, grid)}", "",
                   f"| method | {'dataset' if offline else 'env'} | ours: final eval return, deterministic | "

@@ -285,6 +285,8 @@ def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_
     # mu alone once per seed (2); N = 1 over its two seeds; N = 5 and 10 not run; nor N = 10 at batch 256.
     assert row == f"| {run.DATASETS_N[0]} | -776 | -756 ± 0 (2) | -755 ± 2 (2) | – | – | -200 (1) | -300 (1) | – |"
     assert "| EMaQ N=50 | QWR-LSE offline | EMaQ N=10, batch 256 |" in "\n".join(lines)
+    # In the whole report these runs are that table's row, not rows of the offline grid's table too.
+    assert report.report("", report.collect_runs(tmp_path / "runs")).count(f"| {run.DATASETS_N[0]} |") == 1
     assert (tmp_path / "emaq-n.png").is_file()
 
 
