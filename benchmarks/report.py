@@ -77,7 +77,8 @@ def method_of(hp: dict) -> str:
         table3 = (hp.get("q_layers"), hp.get("num_q"), hp.get("n_bins"), setting) == ("4", "16", "80",
                                                                                      ("256", "256", "1000000"))
         # The K = 4 runs use Appendix G.2's batch of 100; another batch is named.
-        batch = f", batch {hp['batch_size']}" if hp.get("num_q", "8") != "8" and hp.get("batch_size", "100") != "100" else ""
+        named = hp.get("num_q", "8") != "8" and hp.get("batch_size", "100") != "100"
+        batch = f", batch {hp['batch_size']}" if named else ""
         small = ("" if setting == ("750", "750", "1000000") else " (Table 3)" if table3
                  else " ({}Q {}, mu {} units, {} updates{})".format(
                      "" if hp.get("num_q", "8") == "8" else f"K {hp['num_q']}, ", *setting, batch))
@@ -273,7 +274,7 @@ def plot_grid(grid: str, runs: list[dict], out: Path, paper: dict) -> None:
 
 def short_name(method: str) -> str:
     """A grid method's short name: "EMaQ N=10 (K 4, ..., batch 256)" -> "EMaQ N=10, batch 256"."""
-    return method.split(" (")[0] + ("".join(f", {p}" for p in method.rstrip(")").split(", ") if p.startswith("batch")))
+    return method.split(" (")[0] + (", batch " + method.split("batch ")[1].rstrip(")") if "batch " in method else "")
 
 
 def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
