@@ -340,6 +340,9 @@ def n_effect_section(prefix: str, runs: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(RESULTS / "emaq-n.png", dpi=100)
     plt.close(fig)
+    if any(d in DATASETS_N_V0 for d in datasets):
+        lines += ["", "The `-v0` rows are the first datasets, kept for the record: their writer stored the sampled "
+                  "actions, some outside the action range, where `-v1` stores the executed (clipped) ones."]
     return lines + ["", f"![EMaQ's N on Pendulum]({prefix}emaq-n.png)", ""]
 
 
