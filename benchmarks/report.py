@@ -411,8 +411,8 @@ def diagnostics_report(runs: list[dict]) -> str:
              "`actor_step`): the fraction of policy means at or past the action bounds, and the std over "
              "the k sampled actions of one state of Q and of the advantage weights, averaged over states "
              "(the two spreads: runs made before the scripts' minimal rewrite, which dropped them). "
-             "Runs logged between bb3b27d and 6f04b38 show no at-bound fraction: a bug made it read 0 "
-             "(docs/results.md).", ""]
+             "Some runs show no at-bound fraction: a bug, since fixed, made it read 0 while they ran "
+             "(benchmarks/results/NOTES.md).", ""]
     logged = [r for r in runs if "diagnostics/mean_at_bound_fraction" in r["diagnostics"] and not offline_dataset(r["hp"])]
     for r in sorted(logged, key=lambda r: (r["grid"], r["env"], r["method"], r["seed"])):
         d = r["diagnostics"]
