@@ -89,7 +89,7 @@ def policy(dataset_id: str, checkpoint: str, n: int, seed: int) -> None:
     space = qwr.check_env(args)
     envs = qwr.make_vec_env(args, n)
     obs_dim = envs.single_observation_space.shape[0]
-    actor, obs_norm = qwr.Actor(obs_dim, space.shape[0]), qwr.ObsNormalizer(obs_dim, 0)
+    actor, obs_norm = qwr.Actor(obs_dim, space.shape[0]), qwr.ObsNormalizer(obs_dim, 0, args.obs_clip)
     actor.load_state_dict(ckpt["actor"])
     obs_norm.load_state_dict(ckpt["obs_norm"])
     obs, _ = envs.reset(seed=seed)

@@ -48,7 +48,7 @@ def main() -> None:
     args = qwr.Args(**{k: v for k, v in ckpt["args"].items() if k in qwr.Args.__dataclass_fields__})
     env = gym.make(a.env_id, **args.env_kwargs)
     obs_dim, space = env.observation_space.shape[0], env.action_space
-    actor, obs_norm = qwr.Actor(obs_dim, space.shape[0]), qwr.ObsNormalizer(obs_dim, 0)
+    actor, obs_norm = qwr.Actor(obs_dim, space.shape[0]), qwr.ObsNormalizer(obs_dim, 0, args.obs_clip)
     critic = qwr.QNetwork(obs_dim, torch.as_tensor(space.low), torch.as_tensor(space.high), args)
     for net, k in ((actor, "actor"), (critic, "critic"), (obs_norm, "obs_norm")):
         net.load_state_dict(ckpt[k])

@@ -83,7 +83,8 @@ def bench_qwr_continuous(device: torch.device, rounds: int, steps: int) -> dict:
     args = qwr.Args(env_id="Walker2d-v4")
     envs = qwr.make_vec_env(args, 1)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    actor, norm = qwr.Actor(obs_dim, act_dim).to(device), qwr.ObsNormalizer(obs_dim, 300_000).to(device)
+    actor = qwr.Actor(obs_dim, act_dim).to(device)
+    norm = qwr.ObsNormalizer(obs_dim, args.obs_norm_sample_limit, args.obs_clip).to(device)
     critic = qwr.QNetwork(obs_dim, -torch.ones(act_dim, device=device), torch.ones(act_dim, device=device), args)
     critic.to(device)
     target = qwr.copy.deepcopy(critic)

@@ -79,11 +79,15 @@ def test_a_missing_dataset_is_one_line_saying_how_to_get_or_make_one(datasets_di
     assert "minari download local/walker2d/missing-v0" in message and "benchmarks/datasets.py" in message
 
 
-def test_replay_and_policy_datasets_of_a_run_then_offline_training_from_one(datasets_dir):
+def test_replay_and_policy_datasets_of_a_run_then_offline_training_from_one(datasets_dir, monkeypatch):
     args = qwr.Args(env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, buffer_size=1000,
-                    critic_steps=4, actor_steps=4, batch_size=32, eval_episodes=0, save_model=True, cuda=False)
+                    critic_steps=4, actor_steps=4, batch_size=32, eval_episodes=0, save_model=True, cuda=False,
+                    obs_clip=3.0)
     m = datasets.replay("local/hopper/replay-v0", args)
+    clips, collect = [], qwr.collect
+    monkeypatch.setattr(qwr, "collect", lambda *a, **k: clips.append(a[4].clip) or collect(*a, **k))
     datasets.policy("local/hopper/policy-v0", m["checkpoint"], 3, seed=5)
+    assert clips == [3.0]  # the policy sees observations normalised as in training, clip included
     replay, policy = minari.load_dataset("local/hopper/replay-v0"), minari.load_dataset("local/hopper/policy-v0")
     assert replay.total_steps == 200 and policy.total_episodes == 3  # every step collected; 3 whole episodes
     # Both hold the executed actions: the Gaussian samples clipped to Hopper's bounds of +-1 (some reach them).
