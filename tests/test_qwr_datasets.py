@@ -85,7 +85,12 @@ def test_replay_and_policy_datasets_of_a_run_then_offline_training_from_one(data
                     obs_clip=3.0)
     m = datasets.replay("local/hopper/replay-v0", args)
     clips, collect = [], qwr.collect
-    monkeypatch.setattr(qwr, "collect", lambda *a, **k: clips.append(a[4].clip) or collect(*a, **k))
+
+    def collect_noting_the_clip(envs, obs, horizon, actor, obs_norm, *rest):
+        clips.append(obs_norm.clip)
+        return collect(envs, obs, horizon, actor, obs_norm, *rest)
+
+    monkeypatch.setattr(qwr, "collect", collect_noting_the_clip)
     datasets.policy("local/hopper/policy-v0", m["checkpoint"], 3, seed=5)
     assert clips == [3.0]  # the policy sees observations normalised as in training, clip included
     replay, policy = minari.load_dataset("local/hopper/replay-v0"), minari.load_dataset("local/hopper/policy-v0")
