@@ -10,8 +10,10 @@ Each iteration it
   3. trains the actor by advantage-weighted regression over k actions sampled from the stored
      mu (Eq. 3): weights exp(A / beta), A = Q(s, a_j) - mean_j Q.
 Defaults are the paper's Table 4 and the 100K setting of Appendix 6.1. Where the paper is
-silent, the authors' Trax code (class SamplingAWR) decides, and a comment says so. The offline
-variant (Section 4.4) is qwr_offline.py.
+silent, the authors' Trax code (class SamplingAWR) decides, and a comment says so; two defaults
+differ from their system, chosen by Table 1's runs: the critic sees the clipped action and the
+normalised observation is clipped (docs/results.md). The offline variant (Section 4.4) is
+qwr_offline.py.
 
     python qwr_continuous.py --env-id Walker2d-v4
 """
@@ -64,15 +66,16 @@ class Args:
     td_lambda: float = 0.95  # lambda of the truncated TD(lambda) mix of the 1..T-step targets (Eq. 13)
     gamma: float = 0.99  # discount factor
     critic_head_init: float = 0.0  # Q's last layer starts at U(+-this) (authors' config: 0.01); 0: PyTorch's init
-    # Who clips a sampled action: "env" (the env executes and charges it clipped, the critic sees it sampled), "none"
-    # (the authors': both get it sampled; MuJoCo clamps the control, charging the action given), "both" (both clipped)
-    clip_actions: Literal["env", "none", "both"] = "env"
+    # Who clips a sampled action: "both" (the env executes and charges it clipped, and the critic sees it clipped, so
+    # Q is flat outside the bounds as the true Q is), "env" (the critic sees it sampled), "none" (the authors': both get
+    # it sampled; MuJoCo clamps the control, charging the action given). Table 1 chose "both" (docs/results.md).
+    clip_actions: Literal["env", "none", "both"] = "both"
     # Actor (Eq. 3) and observations
     beta: float = 1.0  # temperature of the advantage weights exp(A / beta)
     max_weight: float = 20.0  # advantage weights are clipped at this value
     action_std: float = 0.4  # fixed standard deviation of the Gaussian policy
     obs_norm_sample_limit: int = 300_000  # observations after which the normaliser freezes (authors' code)
-    obs_clip: float = 0.0  # clip normalised observations to +-this (CleanRL: 10); 0: no clip (authors' code)
+    obs_clip: float = 10.0  # clip normalised observations to +-this (as CleanRL; Humanoid needs it); 0: none (authors')
     # Evaluation, logging, checkpoints
     eval_every: int = 10  # evaluate, deterministic and sampled, every this many iterations (and at the end)
     eval_episodes: int = 10  # episodes per evaluation

@@ -27,7 +27,8 @@ def tiny_dataset(tmp_path_factory):
         mp.chdir(root)
         datasets.replay("mujoco/hopper/local-v0", qwr_continuous.Args(
             env_id="Hopper-v4", total_timesteps=200, steps_per_iteration=100, critic_steps=2, actor_steps=2,
-            batch_size=32, eval_episodes=0, cuda=False, compile=False))
+            batch_size=32, eval_episodes=0, cuda=False, compile=False,
+            clip_actions="env", obs_clip=0.0))  # the defaults tests/reference_numbers.json was recorded with
     return str(root / "datasets"), "mujoco/hopper/local-v0"
 
 

@@ -14,6 +14,9 @@ import qwr_continuous
 from benchmarks import report, run
 
 
+QWR = dict(exp_name="qwr_continuous", backup="lse", clip_actions="both", obs_clip="10.0")  # QWR-LSE's flags, as logged
+
+
 def fake_run(root: Path, name: str, hp: dict, evals: list[tuple[int, float]], **scalars: float) -> None:
     writer = SummaryWriter(str(root / name))
     table = "\n".join(f"|{k}|{v}|" for k, v in hp.items())
@@ -32,43 +35,50 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
         "qwr-table1__QWR-LSE__Hopper-v4__1", "qwr-table1__QWR-LSE__Hopper-v4__2",
         "qwr-table1__AWR__Hopper-v4__1", "qwr-table1__AWR__Hopper-v4__2"]
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
-    # methods x envs x seeds; the authors' system and the clipping critic with clipped observations on every env; the
-    # Trax configuration on Hopper, the authors' system with each observation of Humanoid, clipped observations on
-    # Humanoid, the clipping critic on Walker2d
+    # methods x envs x seeds; the authors' system and the earlier defaults on every env; the Trax configuration on
+    # Hopper, the authors' system with each observation of Humanoid, the env-clipping critic on Humanoid, no observation
+    # clip on Walker2d
     assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 2 * 4 * 5 + 5 + 5 + 5 + 5 + 5
-    clip = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (obs clip 10)"])
-    assert [r["env"] for r in clip] == ["Humanoid-v4"] and clip[0]["args"][-4:] == ["--backup", "lse", "--obs-clip", "10"]
-    clipping = run.runs_of("qwr-table1", [3], None, ["QWR-LSE (critic clips actions)"])
-    assert [r["env"] for r in clipping] == ["Walker2d-v4"] and clipping[0]["args"][-2:] == ["--clip-actions", "both"]
+    raw = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (env clips, critic raw)"])
+    assert [r["env"] for r in raw] == ["Humanoid-v4"] and raw[0]["args"][-2:] == ["--clip-actions", "env"]
+    unclipped = run.runs_of("qwr-table1", [3], None, ["QWR-LSE (no obs clip)"])
+    assert [r["env"] for r in unclipped] == ["Walker2d-v4"] and unclipped[0]["args"][-2:] == ["--obs-clip", "0"]
     authors = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (authors' system, no cfrc_ext)"])
     assert [r["env"] for r in authors] == ["Humanoid-v5"] and authors[0]["args"][-3:] == [
         "--env-kwargs", "include_cfrc_ext_in_observation", "False"]
     # The report names each run as the grid does, from the hyper-parameters the script logs.
-    for method in ("QWR-LSE (authors' system, no cfrc_ext)", "QWR-LSE (critic clips actions)", "QWR-LSE",
-                   "QWR-LSE (authors' system)", "QWR-LSE (authors' system, obs clip 10)"):
-        flags = run.runs_of("qwr-table1", [1], None, [method])[0]["args"]
-        hp = {k: str(v) for k, v in asdict(tyro.cli(qwr_continuous.Args, args=flags)).items()}
-        assert report.method_of(hp) == method
+    for method, script, _, _ in run.GRIDS["qwr-table1"]:
+        if script == "qwr_continuous.py":
+            flags = run.runs_of("qwr-table1", [1], None, [method])[0]["args"]
+            hp = {k: str(v) for k, v in asdict(tyro.cli(qwr_continuous.Args, args=flags)).items()}
+            assert report.method_of(hp) == method
     assert run.runs_of("qwr-table3", [1], ["Walker2d-v4"], ["QWR-LSE"])[0]["args"][4:] == run.QWR_1M
 
 
 def test_report_names_runs_from_their_hyper_parameters():
-    assert report.method_of({"exp_name": "qwr_continuous", "backup": "mean"}) == "QWR-AVG"
+    assert report.method_of(QWR | {"backup": "mean"}) == "QWR-AVG"
     assert report.method_of({"exp_name": "awr_continuous"}) == "AWR"
     assert run.QWR_TRAX == ["--backup", "lse", "--critic-lr", "1e-3", "--target-update-every", "50",
                             "--buffer-size", "100000"]  # logged as the strings below
     trax = dict(exp_name="qwr_continuous", backup="lse", critic_lr="0.001", target_update_every="50",
                 buffer_size="100000")
-    assert report.method_of(trax) == "QWR-LSE (Trax config)"
-    assert report.method_of(trax | dict(critic_lr="0.0005")) == "QWR-LSE"
-    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", obs_clip="10.0")) == "QWR-LSE (obs clip 10)"
-    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", obs_clip="0.0")) == "QWR-LSE"
-    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", critic_clips_actions="True")) == \
-        "QWR-LSE (critic clips actions)"
-    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", critic_clips_actions="False")) == "QWR-LSE"
-    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", bf16_matmuls="True")) == \
-        "QWR-LSE (bf16 matmuls)"
-    assert report.method_of(dict(exp_name="qwr_continuous", backup="lse", bf16_matmuls="False")) == "QWR-LSE"
+    # Named where they differ from today's defaults (the critic sees the clipped action, observations clipped at 10);
+    # logs older than the flags carry the earlier defaults (env clips, critic raw, no clip).
+    assert report.method_of(trax) == "QWR-LSE (env clips, critic raw, Trax config, no obs clip)"
+    assert report.method_of(trax | dict(critic_lr="0.0005")) == "QWR-LSE (env clips, critic raw, no obs clip)"
+    lse = dict(exp_name="qwr_continuous", backup="lse")
+    assert report.method_of(lse | dict(clip_actions="both", obs_clip="10.0")) == "QWR-LSE"
+    assert report.method_of(lse | dict(clip_actions="both", obs_clip="5.0")) == "QWR-LSE (obs clip 5)"
+    assert report.method_of(lse | dict(obs_clip="10.0")) == "QWR-LSE (env clips, critic raw)"
+    assert report.method_of(lse | dict(critic_clips_actions="True")) == "QWR-LSE (no obs clip)"
+    assert report.method_of(lse | dict(critic_clips_actions="True", obs_clip="10.0")) == "QWR-LSE"
+    assert report.method_of(lse | dict(clip_actions="none", max_grad_norm="50.0", critic_head_init="0.01",
+                                       obs_clip="0.0")) == "QWR-LSE (authors' system)"
+    assert report.method_of(lse | dict(bf16_matmuls="True")) == \
+        "QWR-LSE (env clips, critic raw, no obs clip, bf16 matmuls)"
+    # The offline and Atari scripts have none of these settings.
+    assert report.method_of(dict(exp_name="qwr_offline", backup="lse", dataset_id="local/x/y-v0")) == "QWR-LSE offline"
+    assert report.method_of(dict(exp_name="qwr_atari", backup="max")) == "QWR-MAX"
     assert report.grid_of({"exp_name": "qwr_continuous", "total_timesteps": "1000000"}) == "qwr-table3"
     assert report.grid_of({"exp_name": "awr_continuous", "total_timesteps": "100000"}) == "qwr-table1"
     assert report.method_of({"exp_name": "iq_continuous", "alpha": "0.9", "policy": "gaussian"}) == "M-IQ-gaussian"
@@ -113,7 +123,7 @@ def test_the_emaq_n_grid_names_its_runs_as_the_report_does():
 
 
 def test_report_reads_final_returns_and_keeps_the_furthest_run_per_seed(tmp_path):
-    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000)
+    hp = QWR | dict(env_id="Hopper-v4", total_timesteps=100_000)
     fake_run(tmp_path, "a", hp | dict(seed=1), [(50_000, 300.0), (100_000, 1200.0)])
     fake_run(tmp_path, "b", hp | dict(seed=1), [(10_000, 50.0)])  # an abandoned restart of seed 1
     fake_run(tmp_path, "c", hp | dict(seed=2), [(50_000, 700.0)])  # still running
@@ -157,7 +167,7 @@ def test_offline_runs_are_named_by_their_dataset_counted_in_updates_and_compared
 
 
 def test_table1_rows_give_each_seed_the_sampled_policy_and_the_reference_policies(tmp_path, monkeypatch):
-    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Pendulum-v1", total_timesteps=100_000)
+    hp = QWR | dict(env_id="Pendulum-v1", total_timesteps=100_000)
     for seed, final in ((1, 300.0), (2, 100.0), (3, 200.0)):
         fake_run(tmp_path / "runs", f"r{seed}", hp | dict(seed=seed), [(50_000, 0.0), (100_000, final)],
                  eval_return_sampled=final / 2, episodic_return=final / 4)
@@ -180,7 +190,7 @@ def test_table1_rows_give_each_seed_the_sampled_policy_and_the_reference_policie
 
 
 def test_the_sampled_column_takes_the_seeds_that_logged_it_and_says_how_many(tmp_path, monkeypatch):
-    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Pendulum-v1", total_timesteps=100_000)
+    hp = QWR | dict(env_id="Pendulum-v1", total_timesteps=100_000)
     fake_run(tmp_path / "runs", "r1", hp | dict(seed=1), [(100_000, 300.0)], eval_return_sampled=150.0)
     fake_run(tmp_path / "runs", "r2", hp | dict(seed=2), [(100_000, 100.0)])  # from before the sampled evaluation
     monkeypatch.setattr(report, "RESULTS", tmp_path)
@@ -209,7 +219,7 @@ def test_runs_started_together_get_their_own_log_directories(tmp_path, monkeypat
 
 
 def test_adopt_marks_a_hand_made_run_done_in_its_own_table_only(tmp_path, monkeypatch):
-    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=100_000, seed=2)
+    hp = QWR | dict(env_id="Hopper-v4", total_timesteps=100_000, seed=2)
     fake_run(tmp_path / "mine", "Hopper-v4__qwr_continuous__2__1", hp, [(100_000, 240.0)])
     fake_run(tmp_path / "mine", "unfinished", hp | dict(seed=3), [(50_000, 240.0)])
     monkeypatch.setattr(run, "RESULTS", tmp_path / "results")
@@ -291,7 +301,7 @@ def test_the_n_effect_table_puts_each_n_beside_the_dataset_mu_alone_and_qwr(tmp_
 
 
 def test_diagnostics_show_each_evaluations_iteration_and_not_the_at_bound_fraction_of_the_bug_window(tmp_path):
-    hp = dict(exp_name="qwr_continuous", backup="lse", env_id="Hopper-v4", total_timesteps=20_000)
+    hp = QWR | dict(env_id="Hopper-v4", total_timesteps=20_000)
     for seed, wall_time in ((1, 1795400000.0), (2, report.AT_BOUND_UNMEASURED[0] + 60.0)):
         fake_run(tmp_path, f"r{seed}", hp | dict(seed=seed), [(10_000, 200.0), (20_000, 3000.0)])
         writer = SummaryWriter(str(tmp_path / f"r{seed}"))

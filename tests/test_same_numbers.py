@@ -36,7 +36,7 @@ DATASET = dict(dataset_id="mujoco/hopper/local-v0", cuda=False, compile=False)  
 # script: the flags of its short run
 RUNS = {
     "qwr_continuous": HOPPER | dict(total_timesteps=300, steps_per_iteration=100, critic_steps=20, actor_steps=20,
-                                    eval_every=1),
+                                    eval_every=1, clip_actions="env", obs_clip=0.0),  # the defaults it was recorded with
     "qwr_atari": dict(env_id="PongNoFrameskip-v4", total_timesteps=300, steps_per_iteration=100, critic_steps=5,
                       actor_steps=5, batch_size=8, buffer_size=500, eval_every=1, eval_episodes=1,
                       max_episode_steps=40, cuda=False, compile=False),
