@@ -10,10 +10,10 @@ Each iteration it
   3. trains the actor by advantage-weighted regression over k actions sampled from the stored
      mu (Eq. 3): weights exp(A / beta), A = Q(s, a_j) - mean_j Q.
 Defaults are the paper's Table 4 and the 100K setting of Appendix 6.1. Where the paper is
-silent, the authors' Trax code (class SamplingAWR) decides, and a comment says so; two defaults
-differ from their system, chosen by Table 1's runs: the critic sees the clipped action and the
-normalised observation is clipped (docs/results.md). The offline variant (Section 4.4) is
-qwr_offline.py.
+silent, the authors' Trax code (class SamplingAWR) decides, and a comment says so. Four
+defaults differ from their system (docs/qwr_continuous.md); two of them were chosen by Table 1's
+runs: the critic sees the clipped action, and the normalised observation is clipped
+(docs/results.md). The offline variant (Section 4.4) is qwr_offline.py.
 
     python qwr_continuous.py --env-id Walker2d-v4
 """
@@ -75,7 +75,9 @@ class Args:
     max_weight: float = 20.0  # advantage weights are clipped at this value
     action_std: float = 0.4  # fixed standard deviation of the Gaussian policy
     obs_norm_sample_limit: int = 300_000  # observations after which the normaliser freezes (authors' code)
-    obs_clip: float = 10.0  # clip normalised observations to +-this (as CleanRL; Humanoid needs it); 0: none (authors')
+    # Clip normalised observations to +-this, as CleanRL does; 0: no clip (authors' code). Table 1 chose 10:
+    # Humanoid-v4's contact forces normalise to hundreds of stds without it (docs/results.md).
+    obs_clip: float = 10.0
     # Evaluation, logging, checkpoints
     eval_every: int = 10  # evaluate, deterministic and sampled, every this many iterations (and at the end)
     eval_episodes: int = 10  # episodes per evaluation

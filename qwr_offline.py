@@ -7,9 +7,10 @@ policy, so at every state mu is taken to be N(action taken, 0.4) (Section 4.4). 
      whose bootstrap F aggregates Q over k actions sampled from mu at the next state: mean,
      max or log-sum-exp (Section 2.3, Eq. 6);
   2. trains the actor by advantage-weighted regression over k actions sampled from mu (Eq. 3).
-The networks, backups and defaults are those of qwr_continuous.py (Table 4). Datasets come
-from Minari (https://minari.farama.org), or from benchmarks/datasets.py, which writes them
-from QWR's own runs.
+The networks, backups and defaults are those of qwr_continuous.py (Table 4), less its two
+online settings (who clips the sampled action, the observation clip). Datasets come from
+Minari (https://minari.farama.org), or from benchmarks/datasets.py, which writes them from
+QWR's own runs.
 
     python qwr_offline.py --dataset-id local/hopper/qwr-replay-v0
 """

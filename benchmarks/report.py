@@ -57,18 +57,20 @@ def method_of(hp: dict) -> str:
     if script.startswith("qwr"):
         backup = {"lse": "LSE", "max": "MAX", "mean": "AVG"}.get(hp.get("backup", ""), hp.get("backup", "?"))
         trax = (hp.get("critic_lr"), hp.get("target_update_every"), hp.get("buffer_size")) == ("0.001", "50", "100000")
-        parts = ["Trax config" if trax else "", "bf16 matmuls" if hp.get("bf16_matmuls") == "True" else ""]
+        system = obs = ""
         if script == "qwr_continuous" and not offline_dataset(hp):
             # Who clips the action, the gradient clip, the critic head's init, and the observation clip, named where
-            # they differ from the defaults, or for the authors' system from theirs (no clip); logs older than these
-            # flags: env, 0, 0, no clip.
-            system = (hp.get("clip_actions", "both" if hp.get("critic_clips_actions") == "True" else "env"),
-                      float(hp.get("max_grad_norm", 0)), float(hp.get("critic_head_init", 0)))
-            clip, usual = float(hp.get("obs_clip", 0)), 0 if SYSTEMS.get(system) == "authors' system" else 10
-            parts = [SYSTEMS.get(system, "clip actions {}, grad norm {:g}, head init {:g}".format(*system)), parts[0],
-                     "" if clip == usual else f"obs clip {clip:g}" if clip > 0 else "no obs clip",
-                     "no cfrc_ext" if "'include_cfrc_ext_in_observation': False" in hp.get("env_kwargs", "") else "",
-                     parts[1]]
+            # they differ from the defaults, or for the authors' system from theirs (no obs clip). Logs older than
+            # these flags ran env, 0, 0 and no obs clip.
+            settings = (hp.get("clip_actions", "both" if hp.get("critic_clips_actions") == "True" else "env"),
+                        float(hp.get("max_grad_norm", 0)), float(hp.get("critic_head_init", 0)))
+            system = SYSTEMS.get(settings, "clip actions {}, grad norm {:g}, head init {:g}".format(*settings))
+            clip = float(hp.get("obs_clip", 0))
+            if clip != (0 if system == "authors' system" else OBS_CLIP):
+                obs = f"obs clip {clip:g}" if clip > 0 else "no obs clip"
+        parts = [system, "Trax config" if trax else "", obs,
+                 "no cfrc_ext" if "'include_cfrc_ext_in_observation': False" in hp.get("env_kwargs", "") else "",
+                 "bf16 matmuls" if hp.get("bf16_matmuls") == "True" else ""]
         suffix = ", ".join(p for p in parts if p)
         return f"QWR-{backup}" + (f" ({suffix})" if suffix else "") + (" offline" if offline_dataset(hp) else "")
     if script == "iq_continuous":
@@ -93,6 +95,7 @@ def method_of(hp: dict) -> str:
 # The settings of qwr_continuous.py's critic and env named in a method: (clip_actions, max_grad_norm,
 # critic_head_init) -> name; the defaults have none.
 SYSTEMS = {("both", 0.0, 0.0): "", ("env", 0.0, 0.0): "env clips, critic raw", ("none", 50.0, 0.01): "authors' system"}
+OBS_CLIP = 10.0  # qwr_continuous.py's default --obs-clip
 
 
 def offline_dataset(hp: dict) -> str | None:

@@ -36,8 +36,8 @@ def test_grids_name_every_table_and_filter_by_env_method_and_seed():
         "qwr-table1__AWR__Hopper-v4__1", "qwr-table1__AWR__Hopper-v4__2"]
     assert runs[0]["script"] == "qwr_continuous.py" and runs[0]["args"][-2:] == ["--backup", "lse"]
     # methods x envs x seeds; the authors' system and the earlier defaults on every env; the Trax configuration on
-    # Hopper, the authors' system with each observation of Humanoid, the env-clipping critic on Humanoid, no observation
-    # clip on Walker2d
+    # Hopper, the authors' system with each observation of Humanoid, the critic given the raw action on Humanoid, no
+    # observation clip on Walker2d
     assert len(run.runs_of("qwr-table1", [1, 2, 3, 4, 5], None, None)) == 4 * 4 * 5 + 2 * 4 * 5 + 5 + 5 + 5 + 5 + 5
     raw = run.runs_of("qwr-table1", [1], None, ["QWR-LSE (env clips, critic raw)"])
     assert [r["env"] for r in raw] == ["Humanoid-v4"] and raw[0]["args"][-2:] == ["--clip-actions", "env"]

@@ -32,7 +32,7 @@ RUNS = {
             ("critic_loss", "actor_loss", "q_mean", "eval_return", "eval_return_sampled")),
     "qwr-authors": (qwr_continuous.train, HOPPER | dict(total_timesteps=200, steps_per_iteration=100, critic_steps=8,
                                                         actor_steps=8, eval_every=1, clip_actions="none",
-                                                        max_grad_norm=50.0, critic_head_init=0.01),
+                                                        max_grad_norm=50.0, critic_head_init=0.01, obs_clip=0.0),
                     ("critic_loss", "actor_loss", "q_mean", "eval_return", "eval_return_sampled")),
     "qwr-offline": (qwr_offline.train, dict(dataset_id=LOCAL, download=False, iterations=2, critic_steps=8,
                                             actor_steps=8, batch_size=16, eval_every=1, eval_episodes=1, cuda=True),
